@@ -1,0 +1,31 @@
+"""attnkit: the attention family, executable and checked.
+
+Public layout everywhere (PyTorch's SDPA layout)::
+
+    q [B, H, L, E], k [B, Hk, S, E], v [B, Hk, S, Ev]
+"""
+
+from attnkit import feature_maps
+from attnkit.ops import (
+    LinearAttentionState,
+    argmax_attention,
+    kernel_attention,
+    linear_attention,
+    linear_attention_step,
+    sdpa,
+    sdpa_reference,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LinearAttentionState",
+    "__version__",
+    "argmax_attention",
+    "feature_maps",
+    "kernel_attention",
+    "linear_attention",
+    "linear_attention_step",
+    "sdpa",
+    "sdpa_reference",
+]

@@ -1,0 +1,16 @@
+"""Pure attention functions (no parameters), all in SDPA layout [B, H, L, E]."""
+
+from attnkit.ops.argmax import argmax_attention
+from attnkit.ops.kernel import kernel_attention
+from attnkit.ops.linear import LinearAttentionState, linear_attention, linear_attention_step
+from attnkit.ops.softmax import sdpa, sdpa_reference
+
+__all__ = [
+    "LinearAttentionState",
+    "argmax_attention",
+    "kernel_attention",
+    "linear_attention",
+    "linear_attention_step",
+    "sdpa",
+    "sdpa_reference",
+]
