@@ -19,7 +19,9 @@ denominator of linear attention can never vanish).
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import math
+from collections.abc import Sequence
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +30,14 @@ from torch import Tensor, nn
 from attnkit._registry import Registry
 
 __all__ = [
+    "EluPlusOne",
+    "Favor",
     "FeatureMap",
+    "Identity",
+    "Polynomial",
+    "PowerSeries",
+    "ReLU",
+    "Taylor",
     "available",
     "get",
     "register",
@@ -138,3 +147,408 @@ class ReLU(FeatureMap):
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         return torch.relu(x)
+
+
+# --------------------------------------------------------------------------------------
+# Exact maps of dot-product power series: sim(q, k) = sum_k a_k (q.k)^k, a_k >= 0
+# --------------------------------------------------------------------------------------
+
+
+class _Plan(NamedTuple):
+    """Cached gather plan of a power-series map for one (D, device, dtype).
+
+    ``steps[k - 2] = (parent, last)`` builds the degree-k monomials from the
+    degree-(k-1) ones: ``mono_k = mono_{k-1}[..., parent] * x[..., last]``.
+    ``coef`` [D'] multiplies the concatenated kept degree blocks, once.
+    """
+
+    steps: tuple[tuple[Tensor, Tensor], ...]
+    coef: Tensor
+
+
+def _children(last: Tensor, run: Tensor, d: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Degree-k monomials (multisets i1 <= ... <= ik) from degree-(k-1) ones.
+
+    ``last[j]`` is the largest variable index of parent monomial j and ``run[j]`` its
+    multiplicity. Each parent gets one child per variable ``i >= last[j]``, so the
+    children come out in lexicographic order of their sorted index tuples (for
+    k = 2 this is exactly ``torch.triu_indices(d, d)``). Returns the children's
+    ``(parent, last, run)``.
+    """
+    counts = d - last
+    parent = torch.repeat_interleave(torch.arange(last.numel()), counts)
+    start = torch.cumsum(counts, 0) - counts
+    offset = torch.arange(int(counts.sum())) - torch.repeat_interleave(start, counts)
+    child_last = last[parent] + offset
+    child_run = torch.where(offset == 0, run[parent] + 1, torch.ones_like(offset))
+    return parent, child_last, child_run
+
+
+class PowerSeries(FeatureMap):
+    r"""Exact features of a dot-product power series, with symmetric storage.
+
+    Identity (to floating-point rounding)::
+
+        phi(q) . phi(k) = sum_{k=0..p} a_k (q.k)^k          (all a_k >= 0)
+
+    Multinomial theorem: (q.k)^k = sum_{|α|=k} k!/α! prod_i (q_i k_i)^{α_i}, so one
+    feature per monomial *multiset* α (i1 <= i2 <= ... <= ik) suffices::
+
+        phi(x)_α = sqrt(a_{|α|} |α|! / α!) prod_i x_i^{α_i}
+
+    This stores C(D+k-1, k) features for degree k instead of the D^k of the tensor
+    power x ⊗ ... ⊗ x, with the same inner product. Degrees with a_k = 0 are dropped:
+    out_dim(D) = sum_{k: a_k > 0} C(D+k-1, k).
+
+    Degree-k monomials are built from degree-(k-1) ones with one gather and one
+    multiply per degree (for k = 2 the gather is ``torch.triu_indices``); the index
+    and coefficient tensors are cached per (D, device, dtype) in a plain dict (not
+    buffers: they are a pure function of D and never belong in a state_dict).
+    Products are formed in the input dtype.
+
+    Shapes: x [..., D] -> phi(x) [..., out_dim(D)].
+
+    >>> phi = PowerSeries([1.0, 2.0, 1.0])    # (q.k + 1)^2
+    >>> phi.out_dim(3)
+    10
+    """
+
+    def __init__(self, coefficients: Sequence[float]) -> None:
+        super().__init__()
+        coefs = tuple(coefficients)
+        if not coefs:
+            raise ValueError("PowerSeries needs at least one coefficient a_0")
+        for k, a in enumerate(coefs):
+            if isinstance(a, bool) or not isinstance(a, (int, float)):
+                raise TypeError(
+                    f"PowerSeries coefficient a_{k} must be a real number, got {type(a).__name__}"
+                )
+            if not math.isfinite(a) or a < 0:
+                raise ValueError(
+                    f"PowerSeries coefficient a_{k} must be finite and >= 0 (features are "
+                    f"sqrt(a_k)-scaled), got {a}"
+                )
+        if coefs[-1] == 0:
+            raise ValueError(
+                f"PowerSeries top coefficient a_{len(coefs) - 1} must be > 0; drop trailing zeros"
+            )
+        self.coefficients: tuple[float, ...] = tuple(float(a) for a in coefs)
+        self.degree: int = len(coefs) - 1
+        self._plans: dict[tuple[int, torch.device, torch.dtype], _Plan] = {}
+
+    def series(self, d: int) -> tuple[float, ...]:
+        """Coefficients (a_0, ..., a_p) for inputs of width ``d``."""
+        return self.coefficients
+
+    def out_dim(self, d: int) -> int:
+        # C(D+k-1, k) monomials of degree k (one, the constant, for k = 0).
+        return sum(
+            math.comb(d + k - 1, k) if k else 1 for k, a in enumerate(self.series(d)) if a > 0
+        )
+
+    def similarity(self, q: Tensor, k: Tensor) -> Tensor:
+        """Reference kernel sum_k a_k (q.k)^k, computed directly: [..., D] x [..., D] -> [...]."""
+        s = (q * k).sum(-1)
+        out = torch.zeros_like(s)
+        for a in reversed(self.series(q.shape[-1])):  # Horner
+            out = out * s + a
+        return out
+
+    def extra_repr(self) -> str:
+        return f"coefficients={self.coefficients}"
+
+    def _plan(self, d: int, device: torch.device, dtype: torch.dtype) -> _Plan:
+        key = (d, device, dtype)
+        plan = self._plans.get(key)
+        if plan is not None:
+            return plan
+        a = self.series(d)
+        last = torch.arange(d)
+        run = torch.ones(d, dtype=torch.long)
+        mult = torch.ones(d, dtype=torch.float64)  # |α|! / α! for the current degree
+        coefs = [torch.full((1,), a[0], dtype=torch.float64)] if a[0] > 0 else []
+        if self.degree >= 1 and a[1] > 0:
+            coefs.append(torch.full((d,), a[1], dtype=torch.float64))
+        steps = []
+        for k in range(2, self.degree + 1):
+            if k == 2:
+                # Hot path: x_i x_j for i <= j, row-major upper triangle.
+                parent, last = torch.triu_indices(d, d)
+                run = torch.where(parent == last, 2, 1)
+            else:
+                parent, last, run = _children(last, run, d)
+            mult = mult[parent] * k / run
+            steps.append((parent.to(device), last.to(device)))
+            if a[k] > 0:
+                coefs.append(a[k] * mult)
+        coef = torch.cat(coefs).sqrt().to(device=device, dtype=dtype)
+        plan = _Plan(tuple(steps), coef)
+        self._plans[key] = plan
+        return plan
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        d = x.shape[-1]
+        a = self.series(d)
+        plan = self._plan(d, x.device, x.dtype)
+        blocks = [x.new_ones((*x.shape[:-1], 1))] if a[0] > 0 else []
+        if self.degree >= 1 and a[1] > 0:
+            blocks.append(x)
+        mono = x
+        for k, (parent, last) in enumerate(plan.steps, start=2):
+            mono = mono.index_select(-1, parent) * x.index_select(-1, last)
+            if a[k] > 0:
+                blocks.append(mono)
+        # cat always allocates, so scaling its result in place never touches x.
+        return torch.cat(blocks, dim=-1).mul_(plan.coef)
+
+
+@register("polynomial")
+class Polynomial(PowerSeries):
+    r"""Exact polynomial kernel map: phi(q) . phi(k) = (q.k + c)^p.
+
+    Binomial expansion: (q.k + c)^p = sum_{k=0..p} C(p, k) c^{p-k} (q.k)^k, a
+    :class:`PowerSeries` with a_k = C(p, k) c^{p-k}. The feature of monomial α is
+    sqrt(C(p, |α|) c^{p-|α|} |α|!/α!) prod_i x_i^{α_i}, one per multiset, so
+
+        out_dim(D) = C(D + p, p)        for c > 0
+                   = C(D + p - 1, p)    for c = 0 (only the degree-p block is left)
+
+    For p = 2, c = 1 (DESIGN.md's quadratic kernel) this is, up to the order of the
+    features, [1, sqrt(2) x_i, x_i^2, sqrt(2) x_i x_j (i < j)] of width
+    1 + D + D(D+1)/2. Not ``positive``: (q.k + c)^p can be 0 (and < 0 for odd p), so
+    linear attention needs a denominator guard.
+
+    Shapes: x [..., D] -> phi(x) [..., out_dim(D)].
+
+    >>> Polynomial(degree=2, c=1.0).out_dim(16)
+    153
+    """
+
+    def __init__(self, degree: int = 2, c: float = 1.0) -> None:
+        if isinstance(degree, bool) or not isinstance(degree, int):
+            raise TypeError(f"polynomial degree must be an int, got {type(degree).__name__}")
+        if degree < 1:
+            raise ValueError(f"polynomial degree must be >= 1, got {degree}")
+        if isinstance(c, bool) or not isinstance(c, (int, float)):
+            raise TypeError(f"polynomial c must be a real number, got {type(c).__name__}")
+        if not math.isfinite(c):
+            raise ValueError(f"polynomial c must be finite, got {c}")
+        if c < 0:
+            raise ValueError(
+                f"polynomial c must be >= 0, got {c}: the feature coefficients "
+                "sqrt(C(p, k) c^(p-k) k!/α!) would be imaginary"
+            )
+        self.c = float(c)
+        super().__init__([math.comb(degree, k) * self.c ** (degree - k) for k in range(degree + 1)])
+
+    def extra_repr(self) -> str:
+        return f"degree={self.degree}, c={self.c}"
+
+
+@register("taylor")
+class Taylor(PowerSeries):
+    r"""2nd-order Taylor map of softmax's exp(q.k / sqrt(D)), as in Based.
+
+    Identity, with s = q.k / sqrt(D)::
+
+        phi(q) . phi(k) = 1 + s + s^2 / 2
+
+    i.e. a :class:`PowerSeries` with a = (1, 1/sqrt(D), 1/(2D)):
+    phi(x) = [1, x_i / D^{1/4}, x_i^2 / sqrt(2D), x_i x_j / sqrt(D) (i < j)] (the
+    off-diagonal products carry the sqrt(2) of the multinomial coefficient 2!/(1!1!)).
+    Width 1 + D + D(D+1)/2: 153 for D = 16.
+
+    ``positive``: 1 + s + s^2/2 = ((1 + s)^2 + 1) / 2 >= 1/2 > 0, so the linear
+    attention denominator can never vanish.
+
+    Relation to Based (Arora et al. 2024, "Simple linear attention language models
+    balance the recall-throughput tradeoff"): Based uses the same kernel but stores
+    the full outer product x ⊗ x / sqrt(2D), 1 + D + D^2 features (273 for D = 16);
+    the symmetric storage here gives the identical inner product with ~half the
+    quadratic features, so the state S [D', M] is ~half as large.
+
+    Shapes: x [..., D] -> phi(x) [..., 1 + D + D(D+1)/2].
+    """
+
+    positive = True
+
+    def __init__(self) -> None:
+        super().__init__([1.0, 1.0, 0.5])
+
+    def series(self, d: int) -> tuple[float, ...]:
+        # Scale s = q.k / sqrt(d) into the coefficients: a_k = (1/k!) d^{-k/2}.
+        return (1.0, 1.0 / math.sqrt(d), 0.5 / d) if d > 0 else (1.0, 0.0, 0.0)
+
+    def extra_repr(self) -> str:
+        return ""
+
+
+# --------------------------------------------------------------------------------------
+# Performer positive random features (FAVOR+)
+# --------------------------------------------------------------------------------------
+
+
+def _gaussian_projection(
+    m: int, d: int, *, orthogonal: bool, generator: torch.Generator | None
+) -> Tensor:
+    """Draw W [m, d] whose rows are each marginally N(0, I_d) (float64, CPU).
+
+    Orthogonal: blocks of d x d Haar-orthogonal matrices (QR of a Gaussian with the
+    signs of diag(R) folded into Q) whose rows are rescaled by the norms of
+    independent Gaussian d-vectors (chi_d), so every row is still N(0, I_d) while
+    rows inside one block are exactly orthogonal (Choromanski et al. 2021, sec. 4).
+    """
+    f64 = torch.float64
+    if not orthogonal:
+        return torch.randn(m, d, dtype=f64, generator=generator)
+    blocks = -(-m // d)
+    q, r = torch.linalg.qr(torch.randn(blocks, d, d, dtype=f64, generator=generator))
+    # Fold sign(diag R) into Q so that Q is Haar-distributed (QR alone is not).
+    q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
+    rows: Tensor = q.transpose(-2, -1).reshape(blocks * d, d)[:m]  # orthonormal per block
+    norms: Tensor = torch.linalg.vector_norm(
+        torch.randn(m, d, dtype=f64, generator=generator), dim=1, keepdim=True
+    )
+    return rows * norms
+
+
+@register("favor")
+class Favor(FeatureMap):
+    r"""Performer positive random features, FAVOR+ (Choromanski et al. 2021).
+
+    With x' = input_scale * x and rows w_r of W [m, D] each N(0, I_D)::
+
+        phi(x) = exp(W x' - |x'|^2 / 2) / sqrt(m)                    [..., m]
+        E_W[phi(q) . phi(k)] = exp(input_scale^2 q.k)                (unbiased)
+
+    since E[exp(w.(q'+k'))] = exp(|q'+k'|^2 / 2). input_scale = D^{-1/4} estimates
+    softmax's exp(q.k / sqrt(D)). The relative error of one draw falls like
+    1/sqrt(m); orthogonal rows (default) lower it further.
+
+    The projection W is the buffer ``projection`` (in the state_dict, moved by
+    ``.to()``): drawn at init when ``dim`` is given, else on the first forward from
+    the input width. ``seed`` seeds a private ``torch.Generator`` (``None``: the
+    global RNG) that also feeds later :meth:`redraw` calls, so a seeded module's
+    sequence of projections is reproducible.
+
+    The exponent is computed in float32 at least (half inputs are upcast; the result
+    is returned in the input dtype). The max-subtraction that performer-pytorch
+    applies for stability is deliberately *not* applied: it scales phi(q) by a
+    per-query and phi(k) by a data-dependent (global) constant, so phi(q) . phi(k)
+    no longer estimates exp(q.k) without bias; in normalised linear attention those
+    constants cancel anyway, so callers that normalise lose nothing by its absence.
+
+    ``positive``: every feature is > 0, so phi(q) . phi(k) > 0 (up to underflow).
+
+    Shapes: x [..., D] -> phi(x) [..., num_features].
+    """
+
+    positive = True
+    projection: Tensor | None
+
+    def __init__(
+        self,
+        num_features: int = 256,
+        dim: int | None = None,
+        orthogonal: bool = True,
+        input_scale: float = 1.0,
+        seed: int | None = 0,
+    ) -> None:
+        super().__init__()
+        if isinstance(num_features, bool) or not isinstance(num_features, int):
+            raise TypeError(f"favor num_features must be an int, got {type(num_features).__name__}")
+        if num_features < 1:
+            raise ValueError(f"favor num_features must be >= 1, got {num_features}")
+        if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int)):
+            raise TypeError(f"favor dim must be an int or None, got {type(dim).__name__}")
+        if dim is not None and dim < 1:
+            raise ValueError(f"favor dim must be >= 1, got {dim}")
+        if isinstance(input_scale, bool) or not isinstance(input_scale, (int, float)):
+            raise TypeError(
+                f"favor input_scale must be a real number, got {type(input_scale).__name__}"
+            )
+        if not (math.isfinite(input_scale) and input_scale > 0):
+            raise ValueError(f"favor input_scale must be finite and > 0, got {input_scale}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"favor seed must be an int or None, got {type(seed).__name__}")
+        self.num_features = num_features
+        self.dim = dim
+        self.orthogonal = bool(orthogonal)
+        self.input_scale = float(input_scale)
+        self.seed = seed
+        self._generator = None if seed is None else torch.Generator().manual_seed(seed)
+        self.register_buffer("projection", None)
+        if dim is not None:
+            self.projection = self._draw(dim, None).float()
+
+    def out_dim(self, d: int) -> int:
+        return self.num_features
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_features={self.num_features}, dim={self.dim}, orthogonal={self.orthogonal}, "
+            f"input_scale={self.input_scale}, seed={self.seed}"
+        )
+
+    def _draw(self, d: int, generator: torch.Generator | None) -> Tensor:
+        gen = generator if generator is not None else self._generator
+        return _gaussian_projection(self.num_features, d, orthogonal=self.orthogonal, generator=gen)
+
+    @torch.no_grad()
+    def redraw(self, generator: torch.Generator | None = None) -> None:
+        """Replace W by a fresh draw (same shape, device and dtype).
+
+        With ``generator`` the draw is reproducible from that generator's state;
+        without it the module's own seeded stream (or the global RNG for
+        ``seed=None``) is used.
+        """
+        if self.projection is None:
+            if self.dim is None:
+                raise ValueError(
+                    "favor.redraw(): the input width is not known yet; pass dim= at "
+                    "construction or call the map once first"
+                )
+            self.projection = self._draw(self.dim, generator).float()
+            return
+        old = self.projection
+        self.projection = self._draw(old.shape[1], generator).to(old.device, old.dtype)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # A lazy (not yet drawn) projection adopts the saved one's shape.
+        saved = state_dict.get(prefix + "projection")
+        if self.projection is None and isinstance(saved, Tensor):
+            self.projection = torch.empty_like(saved)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        d = x.shape[-1]
+        if d < 1:
+            raise ValueError(f"favor input must have width D >= 1, got shape {tuple(x.shape)}")
+        if self.projection is None:
+            # A normal (not inference-mode) tensor, so later training can save it for backward.
+            with torch.inference_mode(False), torch.no_grad():
+                self.projection = self._draw(d, None).to(device=x.device, dtype=torch.float32)
+        w = self.projection
+        if w.shape[1] != d:
+            raise ValueError(
+                f"favor input width D={d} does not match the projection width "
+                f"{w.shape[1]} (projection [{w.shape[0]}, {w.shape[1]}]); build a new map "
+                "or pass inputs of the width it was drawn for"
+            )
+        dtype = torch.promote_types(torch.promote_types(x.dtype, w.dtype), torch.float32)
+        xs = x.to(dtype) * self.input_scale  # [..., D]
+        logits = xs @ w.to(dtype).T - 0.5 * (xs * xs).sum(-1, keepdim=True)  # [..., m]
+        return (torch.exp(logits) * (1.0 / math.sqrt(self.num_features))).to(x.dtype)
