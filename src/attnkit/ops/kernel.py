@@ -1,16 +1,180 @@
 """Kernelized attention, equation (4), for any similarity function.
 
-STUB: to be written (owner: kernel/linear helper).
+Tsai et al. (2019) read attention as a kernel smoother: every query averages the
+values, weighted by a similarity ``sim`` between the query and each key::
+
+    V'_i = sum_j sim(Q_i, K_j) V_j / sum_j sim(Q_i, K_j)              (4)
+
+Softmax attention is the case sim(q, k) = exp(q . k / sqrt(E)). This module is the
+plain O(L S) *reference* for every similarity: it materialises the full [L, S]
+similarity matrix. The linearized O(N D' M) form of the same sum, for similarities
+that factor as phi(q) . phi(k), lives in :mod:`attnkit.ops.linear`; the tests pin
+the two together.
+
+Similarities are chosen by name from a small registry (see :func:`similarities`)
+or given as a callable ``(q [B, H, L, E], k [B, H, S, E]) -> sim [B, H, L, S]``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 
+from attnkit import feature_maps
+from attnkit._registry import Registry
+from attnkit._validation import QKVDims, check_choice, check_mask, check_qkv
+from attnkit.ops.softmax import CausalAlignment
+
+__all__ = [
+    "LogSimilarity",
+    "Similarity",
+    "SimilarityBuilder",
+    "get_similarity",
+    "kernel_attention",
+    "register_similarity",
+    "similarities",
+]
+
+#: ``(q [B, H, L, E], k [B, H, S, E]) -> sim [B, H, L, S]``, one head of k per head of q.
 Similarity = Callable[[Tensor, Tensor], Tensor]
+
+_ALIGNMENTS: tuple[str, ...] = ("upper_left", "lower_right")
+
+
+@dataclass(frozen=True)
+class LogSimilarity:
+    """A similarity given by its logarithm: ``sim(q, k) = exp(log_sim(q, k))``.
+
+    :func:`kernel_attention` treats it in log space, as softmax does: a float mask is
+    added to ``log_sim`` and the row maximum is subtracted before ``exp`` (the
+    normalisation in equation (4) cancels it), so large scores never overflow.
+    Calling the object returns the plain (unshifted) similarity.
+    """
+
+    log_sim: Similarity
+
+    def __call__(self, q: Tensor, k: Tensor) -> Tensor:
+        return torch.exp(self.log_sim(q, k))
+
+
+#: ``(**options) -> Similarity``: what the registry stores, e.g. ``degree=3, c=0.5``.
+SimilarityBuilder = Callable[..., Similarity]
+
+_SIMILARITIES: Registry[SimilarityBuilder] = Registry("similarity")
+
+
+def register_similarity(name: str) -> Callable[[SimilarityBuilder], SimilarityBuilder]:
+    """Decorator registering a similarity *builder* ``(**options) -> Similarity`` as ``name``.
+
+    A builder returning a :class:`LogSimilarity` is evaluated in log space.
+    """
+    return _SIMILARITIES.register(name)
+
+
+def similarities() -> list[str]:
+    """Names of the registered similarities, for ``kernel_attention(sim=...)``."""
+    return _SIMILARITIES.names()
+
+
+def get_similarity(name: str, **options: Any) -> Similarity:
+    """Build the similarity registered as ``name`` with keyword ``options``."""
+    builder = _SIMILARITIES.get(name)
+    try:
+        return builder(**options)
+    except TypeError as err:
+        raise TypeError(f"similarity {name!r}: {err}") from None
+
+
+def _default_scale(scale: float | None, q: Tensor) -> float:
+    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+
+
+@register_similarity("softmax")
+def _softmax(scale: float | None = None) -> Similarity:
+    """sim(q, k) = exp(scale * q . k), scale = 1/sqrt(E) by default: softmax attention."""
+
+    def log_sim(q: Tensor, k: Tensor) -> Tensor:
+        return (q @ k.transpose(-2, -1)) * _default_scale(scale, q)
+
+    return LogSimilarity(log_sim)
+
+
+@register_similarity("gaussian")
+def _gaussian(scale: float | None = None) -> Similarity:
+    """sim(q, k) = exp(-scale/2 * ||q - k||^2), scale = 1/sqrt(E) (RBF kernel, Tsai et al.)."""
+
+    def log_sim(q: Tensor, k: Tensor) -> Tensor:
+        # ||q - k||^2 = ||q||^2 - 2 q.k + ||k||^2, without an [L, S, E] difference tensor.
+        sq = (q * q).sum(-1, keepdim=True) - 2.0 * (q @ k.transpose(-2, -1))
+        sq = sq + (k * k).sum(-1).unsqueeze(-2)
+        return -0.5 * _default_scale(scale, q) * sq
+
+    return LogSimilarity(log_sim)
+
+
+@register_similarity("polynomial")
+def _polynomial(degree: int = 2, c: float = 1.0) -> Similarity:
+    """sim(q, k) = (q . k + c)^degree. Can reach 0 (or go negative for odd degree)."""
+    if isinstance(degree, bool) or not isinstance(degree, int) or degree < 1:
+        raise ValueError(f"polynomial similarity: degree must be an int >= 1, got {degree!r}")
+
+    def sim(q: Tensor, k: Tensor) -> Tensor:
+        return (q @ k.transpose(-2, -1) + c) ** degree
+
+    return sim
+
+
+@register_similarity("linear")
+def _linear(feature_map: str | feature_maps.FeatureMap = "elu") -> Similarity:
+    """sim(q, k) = phi(q) . phi(k) for a feature map phi (name or instance; default elu+1)."""
+    phi = feature_maps.resolve(feature_map)
+
+    def sim(q: Tensor, k: Tensor) -> Tensor:
+        fq: Tensor = phi(q)
+        fk: Tensor = phi(k)
+        return fq @ fk.transpose(-2, -1)
+
+    return sim
+
+
+def _causal_keep(L: int, S: int, alignment: str, device: torch.device) -> Tensor:
+    """Bool [L, S], True = attend: query i sees keys j <= i (+ S - L for lower_right)."""
+    offset = 0 if alignment == "upper_left" else S - L
+    return torch.ones(L, S, dtype=torch.bool, device=device).tril(diagonal=offset)
+
+
+def _resolve_sim(sim: object, sim_kwargs: Mapping[str, Any] | None) -> Similarity:
+    if isinstance(sim, str):
+        return get_similarity(sim, **dict(sim_kwargs or {}))
+    if callable(sim):
+        if sim_kwargs:
+            raise ValueError(
+                "sim_kwargs only configures a registered similarity name; got a callable sim "
+                f"and sim_kwargs={dict(sim_kwargs)!r} (bind options into the callable instead)"
+            )
+        return sim
+    raise TypeError(
+        f"sim must be a registered name ({', '.join(map(repr, similarities()))}) or a callable "
+        f"(q, k) -> sim, got {type(sim).__name__}"
+    )
+
+
+def _check_sim_output(scores: object, dims: QKVDims) -> Tensor:
+    want = (dims.B, dims.H, dims.L, dims.S)
+    if not isinstance(scores, Tensor):
+        raise TypeError(f"sim(q, k) must return a torch.Tensor, got {type(scores).__name__}")
+    if tuple(scores.shape) != want:
+        raise ValueError(
+            f"sim(q, k) must return shape [B, H, L, S] = {list(want)}, got {tuple(scores.shape)}"
+        )
+    if not scores.is_floating_point():
+        raise TypeError(f"sim(q, k) must return a floating tensor, got {scores.dtype}")
+    return scores
 
 
 def kernel_attention(
@@ -22,5 +186,127 @@ def kernel_attention(
     is_causal: bool = False,
     eps: float | None = None,
     sim_kwargs: Mapping[str, Any] | None = None,
+    *,
+    causal_alignment: CausalAlignment = "upper_left",
+    normalize: bool = True,
 ) -> Tensor:
-    raise NotImplementedError
+    r"""Kernelized attention with any similarity: the quadratic reference of equation (4).
+
+    ::
+
+        V'_i = sum_j sim(Q_i, K_j) V_j / sum_j sim(Q_i, K_j)
+
+    Shape legend (PyTorch's SDPA layout)::
+
+        q [B, H, L, E]     B batch, H query heads, L query length, E key width
+        k [B, Hk, S, E]    Hk key/value heads, H % Hk == 0 (GQA: query head h uses
+        v [B, Hk, S, Ev]   key/value head h // (H / Hk)); S key length, Ev value width
+        attn_mask          broadcastable to [B, H, L, S]
+        returns [B, H, L, Ev]
+
+    Args:
+        sim: a registered name (:func:`similarities`: ``"softmax"`` exp(q.k * scale),
+            ``"gaussian"`` exp(-scale/2 ||q-k||^2), ``"polynomial"`` (q.k + c)^degree,
+            ``"linear"`` phi(q).phi(k)) or a callable ``(q [B, H, L, E], k [B, H, S, E])
+            -> [B, H, L, S]``; with GQA the callable sees k expanded to H heads. A
+            :class:`LogSimilarity` is evaluated in log space.
+        attn_mask: bool (True = attend; a masked similarity becomes 0) or float, added
+            in log space like softmax's additive mask: sim is multiplied by exp(mask),
+            so -inf removes the key. Size-1 axes broadcast as in SDPA.
+        is_causal: query i attends keys j <= i (``causal_alignment="upper_left"``,
+            torch's convention) or j <= i + S - L (``"lower_right"``). May be combined
+            with ``attn_mask`` (both must allow a key).
+        eps: guard for the denominator. ``None`` (default): any row whose denominator is
+            <= 0 or not finite raises ValueError saying how many rows. A float > 0: the
+            denominator is ``clamp_min(eps)``-ed, so a row with no weight (e.g. fully
+            masked) returns 0, as torch's SDPA does; rows whose denominator exceeds eps
+            are unchanged.
+        sim_kwargs: options for a registered similarity, e.g. ``{"scale": 0.1}``,
+            ``{"degree": 3, "c": 0.5}``, ``{"feature_map": "elu"}``.
+        causal_alignment: see ``is_causal``.
+        normalize: ``False`` returns the numerator sum_j sim(Q_i, K_j) V_j alone (log-space
+            similarities are then exponentiated without the row-max shift).
+
+    Positivity: sim > 0 everywhere (softmax, gaussian, ``linear`` with a positive
+    feature map such as elu+1) is sufficient for a nonzero denominator. A kernel that
+    can reach 0, e.g. (q.k + 1)^2 at q.k = -1, or a fully masked row, needs ``eps``.
+
+    Cost: time O(B H L S (E + Ev)), memory O(B H L S) for the similarity matrix.
+    fp16/bf16 inputs are computed and accumulated in fp32; the output has q's dtype.
+
+    Equivalent to (for a plain-space similarity, bool mask, no GQA)::
+
+        w = sim(q, k).masked_fill(~mask, 0)
+        return (w @ v) / w.sum(-1, keepdim=True)
+    """
+    dims = check_qkv(q, k, v)
+    mask = check_mask(attn_mask, dims)
+    if mask is not None and mask.device != q.device:
+        raise ValueError(f"attn_mask must be on q's device ({q.device}), got {mask.device}")
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    check_choice("causal_alignment", causal_alignment, _ALIGNMENTS)
+    if eps is not None and (
+        isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0
+    ):
+        raise ValueError(f"eps must be None or a float > 0, got {eps!r}")
+    similarity = _resolve_sim(sim, sim_kwargs)
+
+    out_dtype = q.dtype
+    # Sums over S grow with the key length: accumulate half inputs in fp32.
+    acc = torch.promote_types(q.dtype, torch.float32)
+    qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
+    B, H, Hk, G, L, S, Ev = dims.B, dims.H, dims.Hk, dims.group_size, dims.L, dims.S, dims.Ev
+    # The reference may expand k to the H query heads (a copy; the fast paths avoid it).
+    k_heads = kf if G == 1 else kf[:, :, None].expand(B, Hk, G, S, dims.E).reshape(B, H, S, -1)
+
+    keep: Tensor | None = None
+    if mask is not None and mask.dtype == torch.bool:
+        keep = mask
+    if is_causal:
+        cmask = _causal_keep(L, S, causal_alignment, q.device)
+        keep = cmask if keep is None else keep & cmask
+    add: Tensor | None = None
+    if mask is not None and mask.dtype != torch.bool:
+        add = mask.to(acc)
+
+    if isinstance(similarity, LogSimilarity):
+        scores = _check_sim_output(similarity.log_sim(qf, k_heads), dims)
+        if add is not None:
+            scores = scores + add
+        if keep is not None:
+            scores = scores.masked_fill(~keep, float("-inf"))
+        if normalize:
+            # exp(s - m) / sum exp(s - m) == exp(s) / sum exp(s): the shift cancels, so it
+            # is detached (exactly zero gradient); a fully masked row keeps m = 0 and w = 0.
+            m = scores.detach().amax(dim=-1, keepdim=True)
+            m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+            scores = scores - m
+        w = torch.exp(scores)
+    else:
+        w = _check_sim_output(similarity(qf, k_heads), dims)
+        if add is not None:
+            w = w * torch.exp(add)
+        if keep is not None:
+            w = w.masked_fill(~keep, 0.0)
+    w = w.to(acc)
+
+    # [B, H, L, S] -> [B, Hk, G*L, S] so v is used per key/value head without a copy.
+    num = (w.reshape(B, Hk, G * L, S) @ vf).reshape(B, H, L, Ev)
+    if not normalize:
+        return num.to(out_dtype)
+    den = w.sum(dim=-1)  # [B, H, L]
+    if eps is None:
+        bad = ~(den > 0) | ~torch.isfinite(den)
+        n_bad = int(bad.sum().item())
+        if n_bad:
+            smallest = float(den.detach().min().item())
+            raise ValueError(
+                f"kernel_attention: {n_bad} of {den.numel()} rows have a denominator <= 0 or "
+                f"non-finite (smallest {smallest:.3g}); kernels that can reach 0 such as "
+                "(q.k+1)^2, non-positive feature maps or fully masked rows need eps=... "
+                "(e.g. eps=1e-6) to guard, or use a positive similarity"
+            )
+    else:
+        den = den.clamp_min(eps)
+    return (num / den.unsqueeze(-1)).to(out_dtype)

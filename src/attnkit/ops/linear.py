@@ -1,22 +1,180 @@
 """Linearized attention with explicit feature maps, equation (6).
 
-STUB: to be written (owner: kernel/linear helper).
+When a similarity factors as sim(q, k) = phi(q) . phi(k) (Katharopoulos et al. 2020),
+the sums over keys in equation (4) can be taken *before* the query is seen::
+
+    V'_i = phi(Q_i) (sum_j phi(K_j)^T V_j) / phi(Q_i) (sum_j phi(K_j)^T)      (6)
+         = phi(Q_i) S / phi(Q_i) . z,    S = sum_j phi(K_j)^T V_j [D', Ev],  z = sum_j phi(K_j) [D']
+
+Three forms of the same sum, all returning ``(output, state)`` with the state
+``(S, z)`` that lets a sequence be continued:
+
+- non-causal: S, z over all keys once;
+- causal, chunked: the sums become prefix sums; within a chunk of C tokens they are
+  a small masked [C, C] matmul, across chunks a running state (the form that is fast
+  on real hardware);
+- causal, recurrent: :func:`linear_attention_step`, one token at a time, for decoding.
+
+The plain O(L S) reference is :func:`attnkit.ops.kernel.kernel_attention` with
+``sim="linear"``; the tests pin every form to it.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from attnkit.feature_maps import FeatureMap
+from attnkit._validation import QKVDims, check_qkv, check_tensor
+from attnkit.feature_maps import FeatureMap, resolve
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "LinearAttentionState",
+    "linear_attention",
+    "linear_attention_step",
+]
+
+#: Chunk length of the causal chunked form when ``chunk_size=None`` (capped to L).
+#: Intra-chunk work grows like L C (D' + Ev) and the stored chunk states like
+#: (L / C) D' Ev; 64 balances the two for the usual widths and fills a matmul tile.
+DEFAULT_CHUNK_SIZE = 64
 
 
 class LinearAttentionState(NamedTuple):
-    """Recurrent state of linear attention: S [B, Hk, D', Ev] and z [B, Hk, D'] (fp32)."""
+    """Recurrent state of linear attention, in the accumulation dtype.
+
+    ``S [B, Hk, D', Ev]`` = sum_j phi(K_j)^T V_j and ``z [B, Hk, D']`` = sum_j phi(K_j)
+    over the keys seen so far. fp32 for fp16, bf16 and fp32 inputs; fp64 for fp64
+    inputs (so float64 checks stay exact).
+    """
 
     S: Tensor
     z: Tensor
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Half inputs accumulate in fp32: S and z grow with the sequence length.
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _check_eps(eps: object) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a float >= 0, got {eps!r}")
+    return float(eps)
+
+
+def _check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def _features(phi: FeatureMap, name: str, x: Tensor, acc: torch.dtype) -> Tensor:
+    """phi(x) computed in the accumulation dtype: [..., E] -> [..., D']."""
+    f = phi(x.to(acc))
+    if not isinstance(f, Tensor) or f.shape[:-1] != x.shape[:-1]:
+        got = tuple(f.shape) if isinstance(f, Tensor) else type(f).__name__
+        raise ValueError(
+            f"feature map {type(phi).__name__} must map {name} of shape {tuple(x.shape)} to "
+            f"[..., D'] keeping the leading axes, got {got}"
+        )
+    return f.to(acc)
+
+
+def _check_state(
+    name: str,
+    state: object,
+    dims: QKVDims,
+    d_feat: int,
+    phi: FeatureMap,
+    device: torch.device,
+    acc: torch.dtype,
+) -> LinearAttentionState:
+    """Validate a state (S, z) against [B, Hk, D', Ev] and [B, Hk, D']; cast to ``acc``."""
+    if not isinstance(state, tuple) or len(state) != 2:
+        raise TypeError(
+            f"{name} must be a LinearAttentionState or a tuple (S, z), got {type(state).__name__}"
+            + (f" of length {len(state)}" if isinstance(state, tuple) else "")
+        )
+    S = check_tensor(f"{name}.S", state[0])
+    z = check_tensor(f"{name}.z", state[1])
+    where = f"D' = {type(phi).__name__}.out_dim(E={dims.E}) = {d_feat}"
+    want_S = (dims.B, dims.Hk, d_feat, dims.Ev)
+    want_z = (dims.B, dims.Hk, d_feat)
+    if tuple(S.shape) != want_S:
+        raise ValueError(
+            f"{name}.S must have shape [B, Hk, D', Ev] = {list(want_S)} ({where}), "
+            f"got {tuple(S.shape)}"
+        )
+    if tuple(z.shape) != want_z:
+        raise ValueError(
+            f"{name}.z must have shape [B, Hk, D'] = {list(want_z)} ({where}), got {tuple(z.shape)}"
+        )
+    for part, t in (("S", S), ("z", z)):
+        if not t.is_floating_point():
+            raise TypeError(f"{name}.{part} must have a floating dtype, got {t.dtype}")
+        if t.device != device:
+            raise ValueError(f"{name}.{part} must be on q's device {device}, got {t.device}")
+    return LinearAttentionState(S.to(acc), z.to(acc))
+
+
+def _check_chunk_size(chunk_size: object, L: int) -> int:
+    if chunk_size is None:
+        return max(1, min(DEFAULT_CHUNK_SIZE, L))
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
+    return chunk_size
+
+
+def _causal_chunked(
+    fq: Tensor,
+    fk: Tensor,
+    v: Tensor,
+    state: LinearAttentionState,
+    chunk: int,
+    normalize: bool,
+    eps: float,
+) -> tuple[Tensor, LinearAttentionState]:
+    """Causal prefix sums of equation (6), chunk by chunk.
+
+    fq [B, Hk, G, L, D'], fk [B, Hk, L, D'], v [B, Hk, L, Ev] (already in the
+    accumulation dtype); returns o [B, Hk, G, L, Ev] and the final state.
+    """
+    B, Hk, G, L, Dp = fq.shape
+    Ev = v.shape[-1]
+    C = chunk
+    n = max(1, -(-L // C))  # number of chunks (one empty chunk when L == 0)
+    pad = n * C - L
+    if pad:
+        # Zero rows *after* phi (phi(0) != 0 for elu+1): padded keys then add nothing.
+        fq = F.pad(fq, (0, 0, 0, pad))
+        fk = F.pad(fk, (0, 0, 0, pad))
+        v = F.pad(v, (0, 0, 0, pad))
+    qc = fq.reshape(B, Hk, G, n, C, Dp)
+    kc = fk.reshape(B, Hk, n, C, Dp)
+    vc = v.reshape(B, Hk, n, C, Ev)
+
+    # Per-chunk sums, then the exclusive prefix over chunks plus the initial state:
+    # S_prev[c] = S0 + sum_{c' < c} phi(K_c')^T V_c'.
+    kv = torch.einsum("bhncd,bhncm->bhndm", kc, vc)  # [B, Hk, n, D', Ev]
+    kz = kc.sum(dim=-2)  # [B, Hk, n, D']
+    S_prev = torch.cat([state.S.unsqueeze(2), kv[:, :, :-1]], dim=2).cumsum(dim=2)
+    z_prev = torch.cat([state.z.unsqueeze(2), kz[:, :, :-1]], dim=2).cumsum(dim=2)
+    final = LinearAttentionState(S_prev[:, :, -1] + kv[:, :, -1], z_prev[:, :, -1] + kz[:, :, -1])
+
+    # Intra-chunk: tril(phi(Qc) phi(Kc)^T) Vc, diagonal included (a token sees itself).
+    tri = torch.ones(C, C, dtype=torch.bool, device=fq.device).tril()
+    A = torch.einsum("bhgncd,bhnsd->bhgncs", qc, kc).masked_fill(~tri, 0.0)
+    num = torch.einsum("bhgncd,bhndm->bhgncm", qc, S_prev)  # inter-chunk
+    num = num + torch.einsum("bhgncs,bhnsm->bhgncm", A, vc)  # intra-chunk
+    if normalize:
+        den = torch.einsum("bhgncd,bhnd->bhgnc", qc, z_prev) + A.sum(dim=-1)
+        num = num / den.clamp_min(eps).unsqueeze(-1)
+    o = num.reshape(B, Hk, G, n * C, Ev)[:, :, :, :L]
+    return o, final
 
 
 def linear_attention(
@@ -31,7 +189,104 @@ def linear_attention(
     initial_state: LinearAttentionState | tuple[Tensor, Tensor] | None = None,
     output_final_state: bool = False,
 ) -> tuple[Tensor, LinearAttentionState | None]:
-    raise NotImplementedError
+    r"""Linearized attention with a feature map phi, equation (6); returns ``(o, state)``.
+
+    ::
+
+        non-causal  o_i = phi(Q_i) S / max(phi(Q_i) . z, eps)
+                    S = S0 + sum_j phi(K_j)^T V_j,  z = z0 + sum_j phi(K_j)
+        causal      the same with S_i, z_i summed over j <= i only (L == S required)
+
+    (S0, z0) is ``initial_state`` (zeros when None). This equals
+    ``kernel_attention(q, k, v, sim="linear", sim_kwargs={"feature_map": phi})`` whenever
+    every denominator exceeds ``eps`` (always the case for a positive phi such as elu+1).
+
+    Shape legend (PyTorch's SDPA layout)::
+
+        q [B, H, L, E]      B batch, H query heads, L query length, E key width
+        k [B, Hk, S, E]     Hk key/value heads, H % Hk == 0 (GQA: query head h uses
+        v [B, Hk, S, Ev]    key/value head h // (H / Hk)); S key length, Ev value width
+        phi: [..., E] -> [..., D']
+        o [B, H, L, Ev]     q's dtype
+        state.S [B, Hk, D', Ev], state.z [B, Hk, D']   accumulation dtype (fp32; fp64
+                                                        for fp64 inputs)
+
+    Args:
+        feature_map: a registered name (:func:`attnkit.feature_maps.available`) or a
+            :class:`~attnkit.feature_maps.FeatureMap` instance (use an instance to share
+            e.g. random features with other calls).
+        is_causal: query i sees keys j <= i. Needs L == S; decode with
+            :func:`linear_attention_step` or by passing ``initial_state``.
+        normalize: divide by phi(Q_i) . z (equation (6)); ``False`` returns the
+            numerator phi(Q_i) S alone (z is still tracked in the state).
+        eps: the denominator is ``clamp_min(eps)``-ed, not shifted by ``+ eps``: for any
+            row whose denominator exceeds eps the result is exact (equal to
+            :func:`~attnkit.ops.kernel.kernel_attention`); eps only matters for
+            non-positive feature maps (relu, identity), whose denominators can reach 0.
+        chunk_size: chunk length C of the causal form; ``None`` picks
+            ``min(DEFAULT_CHUNK_SIZE, L)`` (64). Any positive int is exact; it only
+            trades the intra-chunk [C, C] matmuls against the number of chunk states.
+        initial_state: ``(S0, z0)`` carried over from an earlier call, e.g. the keys of
+            a previous segment; plain tuples are accepted and cast to the accumulation
+            dtype.
+        output_final_state: also return the state after this sequence (S0 + its sums),
+            to continue it with ``initial_state`` or :func:`linear_attention_step`.
+
+    Cost, N = L = S tokens, D = E, M = Ev: time O(N D' M) (+ O(N C (D' + M)) for the
+    causal chunks) versus O(N^2 (D + M)) for softmax; memory O(N D') because phi(Q),
+    phi(K) are kept for the backward pass (a recomputing backward would need only
+    O(N D + D' M)), plus (N / C) D' M for the causal chunk states. Features and all sums
+    are computed in fp32 for fp16/bf16 inputs; the output is cast back to q's dtype.
+    """
+    dims = check_qkv(q, k, v)
+    phi = resolve(feature_map)
+    _check_bool("is_causal", is_causal)
+    _check_bool("normalize", normalize)
+    _check_bool("output_final_state", output_final_state)
+    eps = _check_eps(eps)
+    if is_causal and dims.L != dims.S:
+        raise ValueError(
+            f"causal linear attention needs as many queries as keys: q has L={dims.L}, "
+            f"k has S={dims.S}; to decode, use linear_attention_step or pass the earlier "
+            "tokens as initial_state"
+        )
+    chunk = _check_chunk_size(chunk_size, dims.L)
+
+    B, H, Hk, G, L, Ev = dims.B, dims.H, dims.Hk, dims.group_size, dims.L, dims.Ev
+    acc = _acc_dtype(q.dtype)
+    fq = _features(phi, "q", q, acc)
+    fk = _features(phi, "k", k, acc)
+    Dp = fk.shape[-1]
+    if fq.shape[-1] != Dp:
+        raise ValueError(
+            f"feature map {type(phi).__name__} gave phi(q) width {fq.shape[-1]} but phi(k) "
+            f"width {Dp}"
+        )
+    vf = v.to(acc)
+    if initial_state is None:
+        state = LinearAttentionState(
+            torch.zeros(B, Hk, Dp, Ev, dtype=acc, device=q.device),
+            torch.zeros(B, Hk, Dp, dtype=acc, device=q.device),
+        )
+    else:
+        state = _check_state("initial_state", initial_state, dims, Dp, phi, q.device, acc)
+
+    # GQA: the G query heads of one key/value head share its state: view, no copies.
+    fq5 = fq.reshape(B, Hk, G, L, Dp)
+    if is_causal:
+        o5, final = _causal_chunked(fq5, fk, vf, state, chunk, normalize, eps)
+        o = o5.reshape(B, H, L, Ev)
+    else:
+        S = state.S + torch.einsum("bhsd,bhsm->bhdm", fk, vf)  # [B, Hk, D', Ev]
+        z = state.z + fk.sum(dim=-2)  # [B, Hk, D']
+        final = LinearAttentionState(S, z)
+        qg = fq5.reshape(B, Hk, G * L, Dp)
+        num = qg @ S  # [B, Hk, G*L, Ev]
+        if normalize:
+            den = torch.einsum("bhnd,bhd->bhn", qg, z)
+            num = num / den.clamp_min(eps).unsqueeze(-1)
+        o = num.reshape(B, H, L, Ev)
+    return o.to(q.dtype), (final if output_final_state else None)
 
 
 def linear_attention_step(
@@ -43,4 +298,58 @@ def linear_attention_step(
     normalize: bool = True,
     eps: float = 1e-6,
 ) -> tuple[Tensor, LinearAttentionState]:
-    raise NotImplementedError
+    r"""One token of causal linear attention as a recurrence; returns ``(o, new_state)``.
+
+    ::
+
+        S' = S + phi(k)^T v,   z' = z + phi(k)
+        o  = phi(q) S' / max(phi(q) . z', eps)      (phi(q) S' when normalize=False)
+
+    The token attends to itself (the state is updated before it is read), as in
+    causal attention, so a loop of steps equals
+    ``linear_attention(..., is_causal=True)`` token by token.
+
+    Shape legend::
+
+        q [B, H, 1, E], k [B, Hk, 1, E], v [B, Hk, 1, Ev]   (H % Hk == 0)
+        state.S [B, Hk, D', Ev], state.z [B, Hk, D']        None -> zeros
+        o [B, H, 1, Ev] in q's dtype; new_state in the accumulation dtype (fp32, or
+        fp64 for fp64 inputs)
+
+    Cost per token: time O(H D' Ev), memory O(Hk D' Ev) for the state, independent of
+    how many tokens came before (softmax decoding reads an O(n) cache instead).
+    ``eps`` is a ``clamp_min`` guard, as in :func:`linear_attention`.
+    """
+    dims = check_qkv(q, k, v)
+    if dims.L != 1 or dims.S != 1:
+        raise ValueError(
+            "linear_attention_step takes one token: q must be [B, H, 1, E] and k, v "
+            f"[B, Hk, 1, E/Ev], got q length L={dims.L} and k length S={dims.S}; use "
+            "linear_attention for whole sequences"
+        )
+    phi = resolve(feature_map)
+    _check_bool("normalize", normalize)
+    eps = _check_eps(eps)
+    B, H, Hk, G, Ev = dims.B, dims.H, dims.Hk, dims.group_size, dims.Ev
+    acc = _acc_dtype(q.dtype)
+    fq = _features(phi, "q", q, acc).reshape(B, Hk, G, -1)  # [B, Hk, G, D']
+    fk = _features(phi, "k", k, acc)[:, :, 0]  # [B, Hk, D']
+    Dp = fk.shape[-1]
+    if fq.shape[-1] != Dp:
+        raise ValueError(
+            f"feature map {type(phi).__name__} gave phi(q) width {fq.shape[-1]} but phi(k) "
+            f"width {Dp}"
+        )
+    vf = v.to(acc)[:, :, 0]  # [B, Hk, Ev]
+    if state is None:
+        S = torch.zeros(B, Hk, Dp, Ev, dtype=acc, device=q.device)
+        z = torch.zeros(B, Hk, Dp, dtype=acc, device=q.device)
+    else:
+        S, z = _check_state("state", state, dims, Dp, phi, q.device, acc)
+    S = S + fk.unsqueeze(-1) * vf.unsqueeze(-2)
+    z = z + fk
+    num = torch.einsum("bhgd,bhdm->bhgm", fq, S)
+    if normalize:
+        den = torch.einsum("bhgd,bhd->bhg", fq, z)
+        num = num / den.clamp_min(eps).unsqueeze(-1)
+    return num.reshape(B, H, 1, Ev).to(q.dtype), LinearAttentionState(S, z)

@@ -1,0 +1,515 @@
+"""linear_attention and linear_attention_step (equation (6)).
+
+Every form is pinned to the quadratic reference kernel_attention(sim="linear") and to
+each other (chunked == recurrent, split + state == one call): outputs, final states
+and all gradients, for every registered feature map, on awkward shapes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from attnkit import feature_maps
+from attnkit.ops.kernel import kernel_attention
+from attnkit.ops.linear import (
+    DEFAULT_CHUNK_SIZE,
+    LinearAttentionState,
+    linear_attention,
+    linear_attention_step,
+)
+
+F64 = torch.float64
+DTYPES = [torch.float32, torch.float64]
+DTYPE_IDS = ["f32", "f64"]
+MAPS = feature_maps.available()
+
+
+def tol(dtype: torch.dtype) -> dict[str, float]:
+    return {"rtol": 1e-9, "atol": 1e-10} if dtype == F64 else {"rtol": 1e-4, "atol": 1e-5}
+
+
+def make_map(name: str, E: int) -> feature_maps.FeatureMap:
+    """A small-width-friendly instance of every registered map (fixed seeds)."""
+    if name == "favor":
+        return feature_maps.get("favor", num_features=32, dim=E, seed=0)
+    if name == "polynomial":
+        return feature_maps.get("polynomial", degree=2, c=1.0)
+    return feature_maps.get(name)
+
+
+def make_qkv(B, H, Hk, L, S, E, Ev, dtype=torch.float32, positive=False):
+    q = torch.randn(B, H, L, E, dtype=dtype)
+    k = torch.randn(B, Hk, S, E, dtype=dtype)
+    v = torch.randn(B, Hk, S, Ev, dtype=dtype)
+    if positive:  # q.k > 0: non-positive maps (identity, relu, polynomial) keep den > 0
+        q, k = q.abs() + 0.05, k.abs() + 0.05
+    return q, k, v
+
+
+def inputs_for(phi, shape, dtype):
+    return make_qkv(*shape, dtype=dtype, positive=not phi.positive)
+
+
+def fresh(*ts):
+    return [t.detach().clone().requires_grad_(True) for t in ts]
+
+
+def run_with_grads(fn, tensors, cotangents):
+    """Outputs of fn(*tensors) (a flat list) and grads of sum <output, cotangent>."""
+    xs = fresh(*tensors)
+    outs = fn(*xs)
+    loss = sum((o * c).sum() for o, c in zip(outs, cotangents, strict=True))
+    gs = torch.autograd.grad(loss, xs)
+    return [o.detach() for o in outs], list(gs)
+
+
+def assert_close_scaled(a, b, what, rtol, atol):
+    """assert_close with atol relative to the largest entry of ``b``.
+
+    Sums of many terms (unnormalised outputs, gradients through exp features) have
+    rounding errors proportional to their largest magnitude, not to each entry.
+    """
+    scale = max(1.0, float(b.abs().max())) if b.numel() else 1.0
+    torch.testing.assert_close(a, b, rtol=rtol, atol=atol * scale, msg=lambda m: f"{what}: {m}")
+
+
+def assert_all_close(fn_a, fn_b, tensors, rtol, atol):
+    """fn_a and fn_b agree on every output and on the gradients wrt every input."""
+    outs = fn_a(*tensors)
+    cots = [torch.randn_like(o) for o in outs]
+    outs_a, grads_a = run_with_grads(fn_a, tensors, cots)
+    outs_b, grads_b = run_with_grads(fn_b, tensors, cots)
+    for i, (a, b) in enumerate(zip(outs_a, outs_b, strict=True)):
+        assert_close_scaled(a, b, f"output {i}", rtol, atol)
+    for i, (a, b) in enumerate(zip(grads_a, grads_b, strict=True)):
+        assert_close_scaled(a, b, f"grad wrt input {i}", rtol, atol)
+
+
+SHAPES = [
+    # (B, H, Hk, L, S, E, Ev); causal tests use S = L
+    (1, 1, 1, 1, 1, 6, 4),
+    (2, 4, 2, 13, 13, 6, 5),
+    (1, 3, 1, 37, 20, 12, 6),
+    (2, 2, 2, 16, 7, 4, 3),
+]
+
+
+def shape_id(s) -> str:
+    B, H, Hk, L, S, E, Ev = s
+    return f"B{B}-H{H}-Hk{Hk}-L{L}-S{S}-E{E}-Ev{Ev}"
+
+
+SHAPE_IDS = [shape_id(s) for s in SHAPES]
+
+
+# ------------------------------------------------------------------ linear == kernel (eq. 4)
+
+
+@pytest.mark.parametrize("normalize", [True, False], ids=["norm", "unnorm"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("name", MAPS)
+def test_linear_equals_kernel_reference(name, shape, is_causal, dtype, normalize) -> None:
+    B, H, Hk, L, _S, E, Ev = shape
+    if is_causal:
+        shape = (B, H, Hk, L, L, E, Ev)
+    phi = make_map(name, E)
+    q, k, v = inputs_for(phi, shape, dtype)
+
+    def fast(q, k, v):
+        o, _ = linear_attention(
+            q, k, v, phi, is_causal=is_causal, normalize=normalize, chunk_size=4
+        )
+        return [o]
+
+    def ref(q, k, v):
+        return [
+            kernel_attention(
+                q,
+                k,
+                v,
+                sim="linear",
+                sim_kwargs={"feature_map": phi},
+                is_causal=is_causal,
+                normalize=normalize,
+            )
+        ]
+
+    assert_all_close(fast, ref, (q, k, v), **tol(dtype))
+
+
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_polynomial_map_equals_polynomial_kernel(dtype, is_causal) -> None:
+    """Quadratic map (DESIGN.md): phi(q).phi(k) = (q.k + 1)^2, width 1 + D + D(D+1)/2."""
+    phi = feature_maps.get("polynomial", degree=2, c=1.0)
+    assert phi.out_dim(6) == 1 + 6 + 6 * 7 // 2
+    q, k, v = make_qkv(2, 4, 2, 11, 11, 6, 5, dtype=dtype, positive=True)
+
+    def fast(q, k, v):
+        return [linear_attention(q, k, v, phi, is_causal=is_causal, chunk_size=3)[0]]
+
+    def ref(q, k, v):
+        kw = {"degree": 2, "c": 1.0}
+        return [kernel_attention(q, k, v, sim="polynomial", sim_kwargs=kw, is_causal=is_causal)]
+
+    assert_all_close(fast, ref, (q, k, v), **tol(dtype))
+
+
+def test_default_feature_map_is_elu_and_state_matches_sums() -> None:
+    q, k, v = make_qkv(2, 2, 1, 9, 9, 4, 3, dtype=F64)
+    o, state = linear_attention(q, k, v, output_final_state=True)
+    ref = kernel_attention(q, k, v, sim="linear")  # default feature map: elu + 1
+    torch.testing.assert_close(o, ref, **tol(F64))
+    assert isinstance(state, LinearAttentionState)
+    fk = torch.nn.functional.elu(k) + 1
+    torch.testing.assert_close(state.S, fk.transpose(-2, -1) @ v, **tol(F64))
+    torch.testing.assert_close(state.z, fk.sum(-2), **tol(F64))
+    _, causal_state = linear_attention(q, k, v, is_causal=True, output_final_state=True)
+    torch.testing.assert_close(causal_state.S, state.S, **tol(F64))
+    assert linear_attention(q, k, v)[1] is None
+
+
+def test_eps_is_clamp_not_shift() -> None:
+    """With relu and a zero denominator the output is 0 (num 0 / eps), else exact."""
+    q, k, v = make_qkv(1, 1, 1, 4, 5, 3, 2, dtype=F64, positive=True)
+    q[0, 0, 2] = -1.0  # relu(q_2) = 0: numerator and denominator vanish
+    o, _ = linear_attention(q, k, v, "relu", eps=1e-3)
+    ref = kernel_attention(q, k, v, sim="linear", sim_kwargs={"feature_map": "relu"}, eps=1e-3)
+    torch.testing.assert_close(o, ref, **tol(F64))
+    assert torch.equal(o[0, 0, 2], torch.zeros(2, dtype=F64))
+    with pytest.raises(ValueError, match="1 of 4 rows"):
+        kernel_attention(q, k, v, sim="linear", sim_kwargs={"feature_map": "relu"})
+
+
+# ------------------------------------------------------------------ chunked == recurrent
+
+
+def step_loop(q, k, v, phi, state=None, normalize=True):
+    outs = []
+    for t in range(q.shape[2]):
+        o, state = linear_attention_step(
+            q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], state, phi, normalize
+        )
+        outs.append(o)
+    return torch.cat(outs, dim=2), state
+
+
+@pytest.mark.parametrize("with_state", [False, True], ids=["zero-state", "init-state"])
+@pytest.mark.parametrize("chunk_size", [1, 3, 5, 13, 64, None], ids=lambda c: f"C{c}")
+@pytest.mark.parametrize("name", MAPS)
+def test_chunked_causal_equals_step_loop(name, chunk_size, with_state) -> None:
+    B, H, Hk, L, E, Ev = 2, 4, 2, 13, 6, 5
+    phi = make_map(name, E)
+    q, k, v = inputs_for(phi, (B, H, Hk, L, L, E, Ev), F64)
+    Dp = phi.out_dim(E)
+    S0 = torch.rand(B, Hk, Dp, Ev, dtype=F64)
+    z0 = torch.rand(B, Hk, Dp, dtype=F64) + 1.0
+    tensors = (q, k, v, S0, z0) if with_state else (q, k, v)
+
+    def chunked(q, k, v, *state):
+        o, st = linear_attention(
+            q,
+            k,
+            v,
+            phi,
+            is_causal=True,
+            chunk_size=chunk_size,
+            initial_state=tuple(state) if state else None,
+            output_final_state=True,
+        )
+        return [o, st.S, st.z]
+
+    def recurrent(q, k, v, *state):
+        o, st = step_loop(q, k, v, phi, LinearAttentionState(*state) if state else None)
+        return [o, st.S, st.z]
+
+    assert_all_close(chunked, recurrent, tensors, **tol(F64))
+
+
+def test_unnormalised_step_loop_equals_chunked() -> None:
+    q, k, v = make_qkv(1, 2, 1, 10, 10, 4, 3, dtype=F64)
+    o, st = linear_attention(
+        q, k, v, "identity", is_causal=True, normalize=False, chunk_size=4, output_final_state=True
+    )
+    o2, st2 = step_loop(q, k, v, "identity", normalize=False)
+    torch.testing.assert_close(o, o2, **tol(F64))
+    torch.testing.assert_close(st.z, st2.z, **tol(F64))
+
+
+def test_auto_chunk_size_rule() -> None:
+    assert DEFAULT_CHUNK_SIZE == 64
+    q, k, v = make_qkv(1, 1, 1, 150, 150, 4, 3, dtype=F64)
+    o, _ = linear_attention(q, k, v, is_causal=True)  # C = 64, 150 = 2 * 64 + 22
+    torch.testing.assert_close(o, kernel_attention(q, k, v, sim="linear", is_causal=True))
+
+
+# ------------------------------------------------------------------ split + state == one call
+
+
+def split_vs_whole(q, k, v, phi, t, is_causal, chunk_size, dtype):
+    """Pin `one call` to `first part, then the rest with initial_state`."""
+
+    def whole(q, k, v):
+        o, st = linear_attention(
+            q, k, v, phi, is_causal=is_causal, chunk_size=chunk_size, output_final_state=True
+        )
+        return [o, st.S, st.z]
+
+    def split(q, k, v):
+        # Causal: split all of q, k, v at token t. Non-causal: split only the keys and
+        # values (prefill the state), every query sees all of them in the second call.
+        q1, q2 = (q[:, :, :t], q[:, :, t:]) if is_causal else (q, q)
+        o1, st1 = linear_attention(
+            q1,
+            k[:, :, :t],
+            v[:, :, :t],
+            phi,
+            is_causal=is_causal,
+            chunk_size=chunk_size,
+            output_final_state=True,
+        )
+        o2, st2 = linear_attention(
+            q2,
+            k[:, :, t:],
+            v[:, :, t:],
+            phi,
+            is_causal=is_causal,
+            chunk_size=chunk_size,
+            initial_state=st1,
+            output_final_state=True,
+        )
+        o = torch.cat([o1, o2], dim=2) if is_causal else o2
+        return [o, st2.S, st2.z]
+
+    assert_all_close(whole, split, (q, k, v), **tol(dtype))
+
+
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("name", MAPS)
+def test_split_with_state_equals_one_call(name, is_causal) -> None:
+    B, H, Hk, L, E, Ev = 2, 4, 2, 17, 6, 5
+    phi = make_map(name, E)
+    q, k, v = inputs_for(phi, (B, H, Hk, L, L, E, Ev), F64)
+    for t in (0, 1, 8, 16, 17):
+        split_vs_whole(q, k, v, phi, t, is_causal, 5, F64)
+
+
+@given(
+    L=st.integers(0, 24),
+    frac=st.floats(0.0, 1.0),
+    chunk_size=st.one_of(st.none(), st.integers(1, 9)),
+    is_causal=st.booleans(),
+    group=st.sampled_from([1, 3]),
+)
+def test_split_property(L, frac, chunk_size, is_causal, group) -> None:
+    t = round(frac * L)
+    q, k, v = make_qkv(1, group, 1, L, L, 3, 2, dtype=F64)
+    split_vs_whole(q, k, v, "elu", t, is_causal, chunk_size, F64)
+
+
+# ------------------------------------------------------------------ step
+
+
+def test_step_attends_to_itself_and_starts_from_zero() -> None:
+    q, k, v = make_qkv(2, 2, 1, 1, 1, 4, 3, dtype=F64)
+    o, st = linear_attention_step(q, k, v, None)
+    # One token, one key: the normalised output is exactly that key's value.
+    torch.testing.assert_close(o, v.expand(2, 2, 1, 3), **tol(F64))
+    fk = torch.nn.functional.elu(k[:, :, 0]) + 1
+    torch.testing.assert_close(st.z, fk, **tol(F64))
+    assert st.S.shape == (2, 1, 4, 3)
+
+
+def test_step_accepts_plain_tuple_state() -> None:
+    q, k, v = make_qkv(1, 2, 2, 1, 1, 4, 3)
+    S0, z0 = torch.rand(1, 2, 4, 3), torch.rand(1, 2, 4) + 1
+    a, sa = linear_attention_step(q, k, v, (S0, z0))
+    b, sb = linear_attention_step(q, k, v, LinearAttentionState(S0, z0))
+    assert torch.equal(a, b) and torch.equal(sa.S, sb.S)
+
+
+# ------------------------------------------------------------------ dtypes
+
+
+@pytest.mark.slow
+def test_bf16_long_causal_accumulates_in_fp32() -> None:
+    """N = 65536: S, z grow ~N; bf16 sums (8-bit mantissa) would stall near 256."""
+    N, E = 65536, 16
+    q, k, v = make_qkv(1, 1, 1, N, N, E, E, dtype=torch.bfloat16)
+    v = v + 1.0  # a nonzero mean, so outputs stay O(1) and errors are visible
+    o, st = linear_attention(q, k, v, is_causal=True, output_final_state=True)
+    assert o.dtype == torch.bfloat16 and st.S.dtype == torch.float32
+    assert torch.isfinite(o).all()
+    ref, ref_st = linear_attention(
+        q.double(), k.double(), v.double(), is_causal=True, output_final_state=True
+    )
+    # Only the final rounding to bf16 remains (unit roundoff 2^-8 = 0.0039 relative);
+    # accumulating S, z in bf16 instead gives ~1.7e-2 here.
+    torch.testing.assert_close(o.double(), ref, rtol=5e-3, atol=1e-4)
+    torch.testing.assert_close(st.S.double(), ref_st.S, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(st.z.double(), ref_st.z, rtol=1e-4, atol=1e-3)
+    assert ref_st.z.min() > 1e4  # the sums really are large
+
+
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_fp16_short(is_causal) -> None:
+    q, k, v = make_qkv(2, 4, 2, 257, 257, 12, 8, dtype=torch.float16)
+    o, st = linear_attention(q, k, v, is_causal=is_causal, output_final_state=True)
+    assert o.dtype == torch.float16 and st.z.dtype == torch.float32
+    ref, _ = linear_attention(q.float(), k.float(), v.float(), is_causal=is_causal)
+    torch.testing.assert_close(o.float(), ref, rtol=2e-3, atol=2e-3)
+    o1, st1 = linear_attention_step(q[:, :, :1], k[:, :, :1], v[:, :, :1], None)
+    assert o1.dtype == torch.float16 and st1.S.dtype == torch.float32
+
+
+# ------------------------------------------------------------------ gradcheck
+
+
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_gradcheck_linear_attention(is_causal) -> None:
+    q, k, v = make_qkv(1, 2, 1, 5, 5, 3, 2, dtype=F64)
+    S0 = torch.rand(1, 1, 3, 2, dtype=F64)
+    z0 = torch.rand(1, 1, 3, dtype=F64) + 1
+    args = [t.requires_grad_(True) for t in (q, k, v, S0, z0)]
+
+    def fn(q, k, v, S0, z0):
+        o, st = linear_attention(
+            q,
+            k,
+            v,
+            is_causal=is_causal,
+            chunk_size=2,
+            initial_state=(S0, z0),
+            output_final_state=True,
+        )
+        return o, st.S, st.z
+
+    assert torch.autograd.gradcheck(fn, args)
+
+
+def test_gradcheck_linear_attention_polynomial() -> None:
+    q, k, v = make_qkv(1, 2, 2, 4, 4, 3, 2, dtype=F64, positive=True)
+    args = [t.requires_grad_(True) for t in (q, k, v)]
+
+    def fn(q, k, v):
+        return linear_attention(q, k, v, "polynomial", is_causal=True, chunk_size=3)[0]
+
+    assert torch.autograd.gradcheck(fn, args)
+
+
+def test_gradcheck_step() -> None:
+    q, k, v = make_qkv(1, 2, 1, 1, 1, 3, 2, dtype=F64)
+    S0 = torch.rand(1, 1, 3, 2, dtype=F64)
+    z0 = torch.rand(1, 1, 3, dtype=F64) + 1
+    args = [t.requires_grad_(True) for t in (q, k, v, S0, z0)]
+
+    def fn(q, k, v, S0, z0):
+        o, st = linear_attention_step(q, k, v, (S0, z0))
+        return o, st.S, st.z
+
+    assert torch.autograd.gradcheck(fn, args)
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def _bad_cases():
+    q, k, v = make_qkv(2, 4, 2, 5, 5, 6, 3)
+    S0, z0 = torch.zeros(2, 2, 6, 3), torch.zeros(2, 2, 6)
+    return [
+        ("rank-q", (q[0], k, v), {}, ValueError, r"q must have 4 dims \[B, H, L, E\]"),
+        ("batch", (q, k[:1], v[:1]), {}, ValueError, r"q has B=2, k has B=1"),
+        ("width", (q, k[..., :5], v), {}, ValueError, r"q has E=6, k has E=5"),
+        ("heads-kv", (q, k, v[:, :1]), {}, ValueError, r"k has 2, v has 1"),
+        ("gqa-ratio", (q[:, :3], k, v), {}, ValueError, r"H=3, k/v have Hk=2"),
+        ("int-dtype", (q, k, v.int()), {}, TypeError, r"v must have a floating dtype"),
+        (
+            "unknown-map",
+            (q, k, v),
+            {"feature_map": "nope"},
+            ValueError,
+            r"unknown feature map 'nope'; known: 'identity'",
+        ),
+        ("map-type", (q, k, v), {"feature_map": 3}, TypeError, r"feature_map must be"),
+        ("chunk-0", (q, k, v), {"chunk_size": 0}, ValueError, r"chunk_size must be.*got 0"),
+        ("chunk-float", (q, k, v), {"chunk_size": 2.0}, ValueError, r"positive int, got 2.0"),
+        ("chunk-bool", (q, k, v), {"chunk_size": True}, ValueError, r"positive int, got True"),
+        ("eps", (q, k, v), {"eps": -1.0}, ValueError, r"eps must be a float >= 0, got -1.0"),
+        (
+            "causal-L!=S",
+            (q, k[:, :, :4], v[:, :, :4]),
+            {"is_causal": True},
+            ValueError,
+            r"causal linear attention needs as many queries as keys: q has L=5, k has S=4",
+        ),
+        (
+            "state-S-shape",
+            (q, k, v),
+            {"initial_state": (S0[..., :2], z0)},
+            ValueError,
+            r"initial_state.S must have shape \[B, Hk, D', Ev\] = \[2, 2, 6, 3\].*"
+            r"got \(2, 2, 6, 2\)",
+        ),
+        (
+            "state-z-shape",
+            (q, k, v),
+            {"initial_state": (S0, z0[:1])},
+            ValueError,
+            r"initial_state.z must have shape \[B, Hk, D'\] = \[2, 2, 6\].*got \(1, 2, 6\)",
+        ),
+        (
+            "state-width",
+            (q, k, v),
+            {"feature_map": "polynomial", "initial_state": (S0, z0)},
+            ValueError,
+            r"= \[2, 2, 28, 3\] \(D' = Polynomial.out_dim\(E=6\) = 28\)",
+        ),
+        (
+            "state-type",
+            (q, k, v),
+            {"initial_state": S0},
+            TypeError,
+            r"initial_state must be a LinearAttentionState or a tuple \(S, z\), got Tensor",
+        ),
+        (
+            "state-len",
+            (q, k, v),
+            {"initial_state": (S0, z0, z0)},
+            TypeError,
+            r"tuple \(S, z\), got tuple of length 3",
+        ),
+        (
+            "state-int",
+            (q, k, v),
+            {"initial_state": (S0.long(), z0)},
+            TypeError,
+            r"initial_state.S must have a floating dtype",
+        ),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "error", "match"),
+    [case[1:] for case in _bad_cases()],
+    ids=[case[0] for case in _bad_cases()],
+)
+def test_bad_input(args, kwargs, error, match) -> None:
+    with pytest.raises(error, match=match):
+        linear_attention(*args, **kwargs)
+
+
+def test_step_bad_input() -> None:
+    q, k, v = make_qkv(2, 4, 2, 1, 1, 6, 3)
+    with pytest.raises(ValueError, match=r"takes one token.*L=3 and k length S=1"):
+        linear_attention_step(q.expand(2, 4, 3, 6), k, v, None)
+    with pytest.raises(ValueError, match=r"state.S must have shape \[B, Hk, D', Ev\]"):
+        linear_attention_step(q, k, v, (torch.zeros(2, 2, 6, 4), torch.zeros(2, 2, 6)))
+    with pytest.raises(ValueError, match=r"H=4, k/v have Hk=3"):
+        linear_attention_step(q, torch.randn(2, 3, 1, 6), torch.randn(2, 3, 1, 3), None)
+    with pytest.raises(ValueError, match="unknown feature map 'nope'"):
+        linear_attention_step(q, k, v, None, "nope")
