@@ -162,5 +162,6 @@ def check_mask(attn_mask: object, dims: QKVDims, name: str = "attn_mask") -> Ten
 def check_choice(name: str, value: object, choices: tuple[str, ...] | list[str]) -> str:
     """Raise ValueError unless ``value`` is one of the string ``choices``."""
     if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(map(repr, choices))}")
+        known = ", ".join(map(repr, choices))
+        raise ValueError(f"unknown {name} {value!r}; expected one of {known}")
     return value
