@@ -28,7 +28,7 @@ from torch import Tensor
 from attnkit import feature_maps
 from attnkit._registry import Registry
 from attnkit._validation import QKVDims, check_choice, check_mask, check_qkv
-from attnkit.ops.softmax import CausalAlignment
+from attnkit.ops.softmax import CausalAlignment, causal_mask
 
 __all__ = [
     "LogSimilarity",
@@ -140,12 +140,6 @@ def _linear(feature_map: str | feature_maps.FeatureMap = "elu") -> Similarity:
         return fq @ fk.transpose(-2, -1)
 
     return sim
-
-
-def _causal_keep(L: int, S: int, alignment: str, device: torch.device) -> Tensor:
-    """Bool [L, S], True = attend: query i sees keys j <= i (+ S - L for lower_right)."""
-    offset = 0 if alignment == "upper_left" else S - L
-    return torch.ones(L, S, dtype=torch.bool, device=device).tril(diagonal=offset)
 
 
 def _resolve_sim(sim: object, sim_kwargs: Mapping[str, Any] | None) -> Similarity:
@@ -264,7 +258,7 @@ def kernel_attention(
     if mask is not None and mask.dtype == torch.bool:
         keep = mask
     if is_causal:
-        cmask = _causal_keep(L, S, causal_alignment, q.device)
+        cmask = causal_mask(L, S, causal_alignment, q.device)
         keep = cmask if keep is None else keep & cmask
     add: Tensor | None = None
     if mask is not None and mask.dtype != torch.bool:
