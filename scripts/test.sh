@@ -3,8 +3,8 @@
 # Extra arguments are passed to pytest.
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 echo "[attnkit] ruff" >&2
-ruff check src tests benchmarks
-ruff format --check src tests benchmarks
+ruff check .
+ruff format --check .
 echo "[attnkit] mypy" >&2
 mypy
 echo "[attnkit] pytest" >&2
