@@ -5,7 +5,15 @@ Public layout everywhere (PyTorch's SDPA layout)::
     q [B, H, L, E], k [B, Hk, S, E], v [B, Hk, S, Ev]
 """
 
-from attnkit import feature_maps
+from attnkit import decoding, feature_maps
+from attnkit.layers import (
+    Block,
+    KVCache,
+    LinearState,
+    MultiHeadAttention,
+    TinyLM,
+    TinyLMConfig,
+)
 from attnkit.ops import (
     LinearAttentionState,
     argmax_attention,
@@ -19,9 +27,16 @@ from attnkit.ops import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Block",
+    "KVCache",
     "LinearAttentionState",
+    "LinearState",
+    "MultiHeadAttention",
+    "TinyLM",
+    "TinyLMConfig",
     "__version__",
     "argmax_attention",
+    "decoding",
     "feature_maps",
     "kernel_attention",
     "linear_attention",
