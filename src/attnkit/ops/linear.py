@@ -27,11 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnkit._validation import QKVDims, check_qkv, check_tensor
+from attnkit._validation import QKVDims, check_choice, check_qkv, check_tensor
 from attnkit.feature_maps import FeatureMap, resolve
+from attnkit.ops.linear_chunked import causal_linear_attention
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
+    "IMPLEMENTATIONS",
     "LinearAttentionState",
     "linear_attention",
     "linear_attention_step",
@@ -177,6 +179,39 @@ def _causal_chunked(
     return o, final
 
 
+#: Causal implementations of :func:`linear_attention` (see its ``implementation``).
+IMPLEMENTATIONS = ("fast", "reference")
+
+
+def _recomputable(phi: FeatureMap) -> bool:
+    """True when phi has no trainable parameters, so its backward can be recomputed."""
+    return not any(p.requires_grad for p in phi.parameters())
+
+
+def _causal_fast(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    phi: FeatureMap,
+    dims: QKVDims,
+    initial_state: object,
+    chunk: int,
+    normalize: bool,
+    eps: float,
+    output_final_state: bool,
+) -> tuple[Tensor, LinearAttentionState | None]:
+    """Causal linear attention through the recomputing Function (validated inputs)."""
+    acc = _acc_dtype(q.dtype)
+    Dp = phi.out_dim(dims.E)
+    if initial_state is None:
+        S0 = torch.zeros(dims.B, dims.Hk, Dp, dims.Ev, dtype=acc, device=q.device)
+        z0 = torch.zeros(dims.B, dims.Hk, Dp, dtype=acc, device=q.device)
+    else:
+        S0, z0 = _check_state("initial_state", initial_state, dims, Dp, phi, q.device, acc)
+    o, S, z = causal_linear_attention(q, k, v, phi, S0, z0, chunk, normalize, eps)
+    return o, (LinearAttentionState(S, z) if output_final_state else None)
+
+
 def linear_attention(
     q: Tensor,
     k: Tensor,
@@ -188,6 +223,8 @@ def linear_attention(
     chunk_size: int | None = None,
     initial_state: LinearAttentionState | tuple[Tensor, Tensor] | None = None,
     output_final_state: bool = False,
+    *,
+    implementation: str = "fast",
 ) -> tuple[Tensor, LinearAttentionState | None]:
     r"""Linearized attention with a feature map phi, equation (6); returns ``(o, state)``.
 
@@ -231,6 +268,13 @@ def linear_attention(
             dtype.
         output_final_state: also return the state after this sequence (S0 + its sums),
             to continue it with ``initial_state`` or :func:`linear_attention_step`.
+        implementation: causal only. ``"fast"`` (default) runs the custom autograd
+            Function of :mod:`attnkit.ops.linear_chunked`, which recomputes phi and the
+            chunk states in the backward pass (training memory O(N (D + M)) per head);
+            ``"reference"`` runs the plain chunked einsums below with autograd through
+            them, which the tests compare the fast path against. Feature maps with
+            trainable parameters always take the reference path (the fast backward
+            gives gradients to phi's inputs only).
 
     Cost, N = L = S tokens, D = E, M = Ev: time O(N D' M) (+ O(N C (D' + M)) for the
     causal chunks) versus O(N^2 (D + M)) for softmax; memory O(N D') because phi(Q),
@@ -251,6 +295,11 @@ def linear_attention(
             "tokens as initial_state"
         )
     chunk = _check_chunk_size(chunk_size, dims.L)
+    check_choice("implementation", implementation, IMPLEMENTATIONS)
+    if is_causal and implementation == "fast" and _recomputable(phi):
+        return _causal_fast(
+            q, k, v, phi, dims, initial_state, chunk, normalize, eps, output_final_state
+        )
 
     B, H, Hk, G, L, Ev = dims.B, dims.H, dims.Hk, dims.group_size, dims.L, dims.Ev
     acc = _acc_dtype(q.dtype)

@@ -1,0 +1,243 @@
+"""The fast causal linear attention Function against the plain chunked reference.
+
+Outputs, final states and all gradients (q, k, v, initial state) must agree on
+awkward shapes, every feature map, GQA ratios, chunk sizes that do and don't divide
+the length, with and without normalisation; and the backward must keep O(N (D + M))
+bytes per head, not O(N D').
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import attnkit
+from attnkit import feature_maps
+from attnkit.ops.linear import LinearAttentionState, _causal_chunked
+from attnkit.ops.linear_chunked import causal_linear_attention
+
+F64 = torch.float64
+
+
+def _phi(name: str, E: int) -> feature_maps.FeatureMap:
+    if name == "favor":
+        return feature_maps.get("favor", num_features=16, dim=E, seed=0)
+    return feature_maps.get(name)
+
+
+def _reference(q, k, v, phi, S0, z0, chunk, normalize, eps):
+    """The plain chunked path of attnkit.ops.linear (autograd through einsums)."""
+    B, H, L, _ = q.shape
+    Hk, M = k.shape[1], v.shape[-1]
+    acc = S0.dtype
+    fq = phi(q.to(acc)).reshape(B, Hk, H // Hk, L, -1)
+    fk = phi(k.to(acc))
+    o, st_ = _causal_chunked(fq, fk, v.to(acc), LinearAttentionState(S0, z0), chunk, normalize, eps)
+    return o.reshape(B, H, L, M).to(q.dtype), st_.S, st_.z
+
+
+def _inputs(B, H, Hk, L, E, M, Dp, dtype=F64, positive_state=True):
+    g = torch.Generator().manual_seed(1234)
+    q = torch.randn(B, H, L, E, generator=g, dtype=dtype).requires_grad_()
+    k = torch.randn(B, Hk, L, E, generator=g, dtype=dtype).requires_grad_()
+    v = torch.randn(B, Hk, L, M, generator=g, dtype=dtype).requires_grad_()
+    acc = torch.promote_types(dtype, torch.float32)
+    S0 = torch.randn(B, Hk, Dp, M, generator=g, dtype=acc).requires_grad_()
+    z0 = torch.rand(B, Hk, Dp, generator=g, dtype=acc)
+    if positive_state:
+        z0 = z0 + 4.0  # keeps denominators of signed maps away from 0
+    return q, k, v, S0, z0.requires_grad_()
+
+
+SHAPES = [
+    # B, H, Hk, L, E, M, chunk
+    (2, 4, 2, 13, 6, 5, 4),
+    (1, 3, 3, 1, 4, 3, 64),
+    (2, 6, 2, 37, 5, 7, 8),
+    (1, 2, 1, 16, 3, 2, 16),
+    (1, 4, 1, 23, 7, 6, 5),
+]
+
+
+def _id(shape) -> str:
+    B, H, Hk, L, E, M, C = shape
+    return f"B{B}-H{H}-Hk{Hk}-L{L}-E{E}-M{M}-C{C}"
+
+
+@pytest.mark.parametrize("name", feature_maps.available())
+@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+@pytest.mark.parametrize("normalize", [True, False], ids=["norm", "raw"])
+def test_fast_equals_reference_forward_state_and_grads(name, shape, normalize) -> None:
+    B, H, Hk, L, E, M, C = shape
+    phi = _phi(name, E)
+    q, k, v, S0, z0 = _inputs(B, H, Hk, L, E, M, phi.out_dim(E))
+    ref = _reference(q, k, v, phi, S0, z0, C, normalize, 1e-6)
+    fast = causal_linear_attention(q, k, v, phi, S0, z0, C, normalize, 1e-6)
+    g = torch.Generator().manual_seed(7)
+    weights = [torch.randn(t.shape, generator=g, dtype=t.dtype) for t in ref]
+    inputs = (q, k, v, S0, z0)
+    g_ref = torch.autograd.grad(
+        sum((t * w).sum() for t, w in zip(ref, weights, strict=True)), inputs
+    )
+    g_fast = torch.autograd.grad(
+        sum((t * w).sum() for t, w in zip(fast, weights, strict=True)), inputs
+    )
+    for what, a, b in zip(("o", "S", "z"), fast, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=lambda m, w=what: f"{w}: {m}")
+    for what, a, b in zip(("dq", "dk", "dv", "dS0", "dz0"), g_fast, g_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-8, msg=lambda m, w=what: f"{w}: {m}")
+
+
+@pytest.mark.parametrize("name", ["elu", "taylor", "polynomial"])
+def test_linear_attention_dispatches_to_fast_path_and_matches_kernel(name) -> None:
+    """The public causal path (fast) still equals the O(N^2) kernel reference."""
+    E = 5
+    phi = _phi(name, E)
+    q, k, v, _, _ = _inputs(2, 4, 2, 19, E, 3, phi.out_dim(E))
+    o, _ = attnkit.linear_attention(q, k, v, feature_map=phi, is_causal=True, chunk_size=4)
+    ref = attnkit.kernel_attention(
+        q, k, v, sim="linear", is_causal=True, sim_kwargs={"feature_map": phi}, eps=1e-6
+    )
+    torch.testing.assert_close(o, ref, rtol=1e-9, atol=1e-9)
+    g1 = torch.autograd.grad(o.square().sum(), (q, k, v))
+    g2 = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    for a, b in zip(g1, g2, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-8)
+
+
+def test_gradcheck_float64() -> None:
+    phi = feature_maps.get("elu")
+    q, k, v, S0, z0 = _inputs(1, 2, 1, 9, 3, 2, 3)
+
+    def fn(q, k, v, S0, z0):
+        return causal_linear_attention(q, k, v, phi, S0, z0, 4, True, 1e-6)
+
+    assert torch.autograd.gradcheck(fn, (q, k, v, S0, z0))
+
+
+def test_only_some_inputs_need_grad() -> None:
+    phi = feature_maps.get("taylor")
+    q, k, v, S0, z0 = _inputs(1, 2, 2, 11, 4, 3, phi.out_dim(4))
+    k = k.detach()
+    S0, z0 = S0.detach(), z0.detach()
+    o, _, _ = causal_linear_attention(q, k, v, phi, S0, z0, 4, True, 1e-6)
+    dq, dv = torch.autograd.grad(o.sum(), (q, v))
+    ref = _reference(q, k, v, phi, S0, z0, 4, True, 1e-6)[0]
+    rq, rv = torch.autograd.grad(ref.sum(), (q, v))
+    torch.testing.assert_close(dq, rq)
+    torch.testing.assert_close(dv, rv)
+
+
+@given(
+    L=st.integers(1, 40),
+    chunk=st.integers(1, 48),
+    group=st.sampled_from([(1, 1), (2, 1), (3, 3), (4, 2)]),
+    normalize=st.booleans(),
+)
+def test_property_fast_equals_reference(L, chunk, group, normalize) -> None:
+    H, Hk = group
+    phi = feature_maps.get("elu")
+    q, k, v, S0, z0 = _inputs(1, H, Hk, L, 3, 2, 3)
+    ref = _reference(q, k, v, phi, S0, z0, chunk, normalize, 1e-6)
+    fast = causal_linear_attention(q, k, v, phi, S0, z0, chunk, normalize, 1e-6)
+    for a, b in zip(fast, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    ga = torch.autograd.grad(fast[0].sum() + fast[1].sum(), (q, k, v, S0))
+    gb = torch.autograd.grad(ref[0].sum() + ref[1].sum(), (q, k, v, S0))
+    for a, b in zip(ga, gb, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_precision_accumulates_in_fp32(dtype) -> None:
+    phi = feature_maps.get("elu")
+    B, H, L, E, M = 1, 2, 300, 8, 8
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(B, H, L, E, generator=g) for _ in range(3))
+    zeros = torch.zeros(B, H, E, M), torch.zeros(B, H, E)
+    want, S_want, _ = causal_linear_attention(q, k, v, phi, *zeros, 64, True, 1e-6)
+    qh, kh, vh = (t.to(dtype).requires_grad_() for t in (q, k, v))
+    o, S, z = causal_linear_attention(qh, kh, vh, phi, *zeros, 64, True, 1e-6)
+    assert o.dtype == dtype and S.dtype == torch.float32 and z.dtype == torch.float32
+    tol = 1e-2 if dtype == torch.float16 else 4e-2
+    torch.testing.assert_close(o.float(), want, rtol=tol, atol=tol)
+    torch.testing.assert_close(S, S_want, rtol=tol, atol=tol * L)
+    grads = torch.autograd.grad(o.float().sum(), (qh, kh, vh))
+    assert all(gr.dtype == dtype and torch.isfinite(gr).all() for gr in grads)
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the tensors autograd keeps for the backward pass of ``fn()``."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def test_backward_keeps_n_times_d_plus_m_not_n_times_d_prime() -> None:
+    """Saved-for-backward bytes grow like N (D + M), independent of D' (Taylor: D' >> D)."""
+    phi = feature_maps.get("taylor")  # D = 8 -> D' = 45
+    E, M = 8, 4
+    per_token = {}
+    for N in (256, 512):
+        q, k, v, S0, z0 = _inputs(1, 1, 1, N, E, M, phi.out_dim(E), dtype=torch.float32)
+        args = (q, k, v, phi, S0, z0, 64, True, 1e-6)
+        fast = _saved_bytes(lambda args=args: causal_linear_attention(*args))
+        ref = _saved_bytes(lambda args=args: _reference(*args))
+        per_token[N] = (fast, ref)
+    (f1, r1), (f2, r2) = per_token[256], per_token[512]
+    fast_slope, ref_slope = (f2 - f1) / 256, (r2 - r1) / 256
+    # q, k, v (E + E + M floats) plus the (numerator, denominator) output (M + 1 floats).
+    assert fast_slope == 4 * (2 * E + M + (M + 1))
+    # The reference keeps phi(q), phi(k) (2 D' floats per token) and more.
+    assert ref_slope > 4 * 2 * phi.out_dim(E)
+
+
+def test_public_causal_path_uses_the_fast_function_unless_asked() -> None:
+    phi = feature_maps.get("taylor")
+    q, k, v, _, _ = _inputs(1, 2, 2, 64, 4, 3, phi.out_dim(4), dtype=torch.float32)
+
+    def run(impl: str) -> int:
+        return _saved_bytes(
+            lambda: attnkit.linear_attention(
+                q, k, v, feature_map=phi, is_causal=True, implementation=impl
+            )
+        )
+
+    fast, ref = run("fast"), run("reference")
+    assert fast < ref  # the reference keeps phi(q), phi(k); the fast path recomputes them
+    o_fast, _ = attnkit.linear_attention(q, k, v, feature_map=phi, is_causal=True)
+    o_ref, _ = attnkit.linear_attention(
+        q, k, v, feature_map=phi, is_causal=True, implementation="reference"
+    )
+    torch.testing.assert_close(o_fast, o_ref)
+    with pytest.raises(ValueError, match="unknown implementation 'triton'"):
+        attnkit.linear_attention(q, k, v, is_causal=True, implementation="triton")
+
+
+def test_trainable_feature_map_takes_the_reference_path() -> None:
+    """A map with parameters needs autograd through phi: the fast path would drop them."""
+
+    class Scaled(feature_maps.FeatureMap):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.tensor(0.7))
+
+        def out_dim(self, d: int) -> int:
+            return d
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.elu(x * self.w) + 1
+
+    phi = Scaled()
+    q, k, v, _, _ = _inputs(1, 1, 1, 10, 3, 2, 3)
+    o, _ = attnkit.linear_attention(q, k, v, feature_map=phi, is_causal=True)
+    (gw,) = torch.autograd.grad(o.sum(), (phi.w,))
+    assert gw.abs() > 0
