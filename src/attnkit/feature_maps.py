@@ -134,7 +134,7 @@ class EluPlusOne(FeatureMap):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        return F.elu(x) + 1.0
+        return F.elu(x).add_(1.0)  # in place on the fresh elu output: one pass fewer
 
 
 @register("relu")

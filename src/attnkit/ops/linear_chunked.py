@@ -67,32 +67,43 @@ def _from_chunks_q(x: Tensor, BHk: int, G: int, n: int, C: int) -> Tensor:
     return y.reshape(BHk, G, n * C, W)
 
 
-def _causal_mask(G: int, C: int, device: torch.device) -> Tensor:
-    """Bool [G*C, C], True where query row (g, i) may NOT see key j (j > i)."""
-    upper = torch.ones(C, C, dtype=torch.bool, device=device).triu(1)
-    return upper.repeat(G, 1) if G > 1 else upper
+def _tril_(scores: Tensor, G: int, C: int) -> Tensor:
+    """Zero, in place, where query row (g, i) may not see key j (j > i): [*, G*C, C]."""
+    if G == 1:
+        return scores.tril_()
+    scores.view(-1, G, C, C).tril_()
+    return scores
 
 
-def _prefix_states(kc: Tensor, vc: Tensor, S0: Tensor, n: int) -> Tensor:
-    """Running states before each chunk and after the last: [BHk, n+1, D', M'].
+def _prefix_states(kc: Tensor, vc: Tensor, S0: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """States before each chunk [BHk, n, D', M'] (contiguous) and the final state.
 
-    states[:, c] = S'_0 + sum_{c' < c} phi(K_c')^T V'_c'; states[:, n] is the final state.
+    prefix[:, c] = S'_0 + sum_{c' < c} phi(K_c')^T V'_c'; final = prefix[:, -1] + the last
+    chunk's sum. Exclusive prefix sums, taken in place, without subtracting.
     """
     BHk = S0.shape[0]
     kv = torch.bmm(kc.transpose(1, 2), vc).view(BHk, n, *S0.shape[1:])  # [BHk, n, D', M']
-    # One contiguous buffer, prefix-summed in place (no out= views: dynamo traces this).
-    return torch.cat([S0.unsqueeze(1), kv], dim=1).cumsum_(dim=1)
+    prefix = torch.empty_like(kv)
+    prefix[:, 0] = S0
+    prefix[:, 1:] = kv[:, :-1]
+    prefix.cumsum_(dim=1)
+    return prefix, prefix[:, -1] + kv[:, -1]
 
 
-def _reverse_states(qc: Tensor, doc: Tensor, dST: Tensor, n: int) -> Tensor:
-    """Reverse running states R after each chunk and before the first: [BHk, n+1, D', M'].
+def _reverse_states(qc: Tensor, doc: Tensor, dST: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """Reverse states after each chunk [BHk, n, D', M'] and the initial-state gradient.
 
-    R[:, c] = dS'_T + sum_{c' >= c} phi(Q_c')^T dO'_c' (so R[:, c+1] is what chunk c needs
-    from the future); R[:, 0] is the gradient of the initial state.
+    after[:, c] = dS'_T + sum_{c' > c} phi(Q_c')^T dO'_c' (what chunk c needs from the
+    future); the gradient of S'_0 is after[:, 0] + chunk 0's own term.
     """
     BHk = dST.shape[0]
     qdo = torch.bmm(qc.transpose(1, 2), doc).view(BHk, n, *dST.shape[1:])  # [BHk, n, D', M']
-    return torch.cat([qdo, dST.unsqueeze(1)], dim=1).flip(1).cumsum_(dim=1).flip(1)
+    rev = torch.empty_like(qdo)  # chunks in reverse order: rev[:, i] is chunk n - 1 - i
+    rev[:, 0] = dST
+    rev[:, 1:] = qdo[:, 1:].flip(1)
+    rev.cumsum_(dim=1)
+    after = rev.flip(1)
+    return after, after[:, 0] + qdo[:, 0]
 
 
 def _forward_core(fq: Tensor, fk: Tensor, va: Tensor, S0: Tensor, C: int) -> tuple[Tensor, Tensor]:
@@ -107,12 +118,11 @@ def _forward_core(fq: Tensor, fk: Tensor, va: Tensor, S0: Tensor, C: int) -> tup
     qc = _to_chunks_q(fq, n, C)  # [BHk*n, G*C, D']
     kc = fk.reshape(BHk * n, C, Dp)
     vc = va.reshape(BHk * n, C, Mp)
-    states = _prefix_states(kc, vc, S0, n)
-    prev = states[:, :n].reshape(BHk * n, Dp, Mp)
-    A = torch.bmm(qc, kc.transpose(1, 2))  # [BHk*n, G*C, C]
-    A.masked_fill_(_causal_mask(G, C, A.device), 0.0)
-    o = torch.baddbmm(torch.bmm(qc, prev), A, vc)  # inter + intra: [BHk*n, G*C, M']
-    return _from_chunks_q(o, BHk, G, n, C), states[:, n]
+    prefix, final = _prefix_states(kc, vc, S0, n)
+    o = torch.bmm(qc, prefix.view(BHk * n, Dp, Mp))  # inter-chunk: [BHk*n, G*C, M']
+    A = _tril_(torch.bmm(qc, kc.transpose(1, 2)), G, C)  # [BHk*n, G*C, C]
+    o.baddbmm_(A, vc)  # + intra-chunk
+    return _from_chunks_q(o, BHk, G, n, C), final
 
 
 def _backward_core(
@@ -126,22 +136,20 @@ def _backward_core(
     doc = _to_chunks_q(do, n, C)  # [BHk*n, G*C, M']
     kc = fk.reshape(BHk * n, C, Dp)
     vc = va.reshape(BHk * n, C, Mp)
-    mask = _causal_mask(G, C, fq.device)
 
     # d phi(q) = do' S'_prev^T + tril(do' v'^T) phi(K_c)
-    prev = _prefix_states(kc, vc, S0, n)[:, :n].reshape(BHk * n, Dp, Mp)
-    Bm = torch.bmm(doc, vc.transpose(1, 2)).masked_fill_(mask, 0.0)  # [BHk*n, G*C, C]
-    dq = torch.baddbmm(torch.bmm(doc, prev.transpose(1, 2)), Bm, kc)
+    prefix, _ = _prefix_states(kc, vc, S0, n)
+    Bm = _tril_(torch.bmm(doc, vc.transpose(1, 2)), G, C)  # [BHk*n, G*C, C]
+    dq = torch.bmm(doc, prefix.view(BHk * n, Dp, Mp).transpose(1, 2)).baddbmm_(Bm, kc)
 
-    # Reverse states: R_after[c] = dS'_T + sum_{c' > c} phi(Q_c')^T dO'_c'.
-    R = _reverse_states(qc, doc, dST, n)
-    after = R[:, 1:].reshape(BHk * n, Dp, Mp)
-    A = torch.bmm(qc, kc.transpose(1, 2)).masked_fill_(mask, 0.0)  # [BHk*n, G*C, C]
     # d phi(k) = V'_c R^T + tril(do' v'^T)^T phi(Q_c);  dV' = phi(K_c) R + tril(q k^T)^T do'
-    dk = torch.baddbmm(torch.bmm(vc, after.transpose(1, 2)), Bm.transpose(1, 2), qc)
-    dv = torch.baddbmm(torch.bmm(kc, after), A.transpose(1, 2), doc)
+    after, dS0 = _reverse_states(qc, doc, dST, n)
+    R = after.reshape(BHk * n, Dp, Mp)
+    A = _tril_(torch.bmm(qc, kc.transpose(1, 2)), G, C)  # [BHk*n, G*C, C]
+    dk = torch.bmm(vc, R.transpose(1, 2)).baddbmm_(Bm.transpose(1, 2), qc)
+    dv = torch.bmm(kc, R).baddbmm_(A.transpose(1, 2), doc)
     dq = _from_chunks_q(dq, BHk, G, n, C)
-    return dq, dk.reshape(BHk, N, Dp), dv.reshape(BHk, N, Mp), R[:, 0]
+    return dq, dk.reshape(BHk, N, Dp), dv.reshape(BHk, N, Mp), dS0
 
 
 class _CausalLinearAttention(torch.autograd.Function):
@@ -166,7 +174,7 @@ class _CausalLinearAttention(torch.autograd.Function):
         pad = n * chunk - L
         fq = _features_padded(phi, q, acc, pad)
         fk = _features_padded(phi, k, acc, pad)
-        va = F.pad(_augment(v.to(acc)), (0, 0, 0, pad))
+        va = _pad(_augment(v.to(acc)), pad)
         o_aug, final = _forward_core(fq, fk, va, S0, chunk)
         o_aug = o_aug[:, :, :L]
         num, den = o_aug[..., :-1], o_aug[..., -1:]
@@ -199,7 +207,7 @@ class _CausalLinearAttention(torch.autograd.Function):
         else:
             d_num = d_out
             d_den = torch.zeros_like(den)
-        do_aug = F.pad(torch.cat([d_num, d_den], dim=-1), (0, 0, 0, pad))
+        do_aug = _pad(torch.cat([d_num, d_den], dim=-1), pad)
         dST = d_final.to(acc) if d_final is not None else torch.zeros_like(S0)
 
         with torch.enable_grad():
@@ -207,9 +215,9 @@ class _CausalLinearAttention(torch.autograd.Function):
             kr = k.detach().requires_grad_(ctx.needs_input_grad[1])
             fq_full = phi(qr.to(acc))
             fk_full = phi(kr.to(acc))
-        fq = F.pad(fq_full.detach(), (0, 0, 0, pad))
-        fk = F.pad(fk_full.detach(), (0, 0, 0, pad))
-        va = F.pad(_augment(v.to(acc)), (0, 0, 0, pad))
+        fq = _pad(fq_full.detach().to(acc), pad)
+        fk = _pad(fk_full.detach().to(acc), pad)
+        va = _pad(_augment(v.to(acc)), pad)
         dfq, dfk, dva, dS0 = _backward_core(fq, fk, va, S0, do_aug, dST, chunk)
 
         outputs, grads = [], []
@@ -235,7 +243,12 @@ def _features_padded(phi: FeatureMap, x: Tensor, acc: torch.dtype, pad: int) -> 
     """
     with torch.no_grad():
         f = phi(x.to(acc)).to(acc)
-    return F.pad(f, (0, 0, 0, pad)) if pad else f
+    return _pad(f, pad)
+
+
+def _pad(x: Tensor, pad: int) -> Tensor:
+    """Append ``pad`` zero rows along the length axis (-2); no copy when pad == 0."""
+    return F.pad(x, (0, 0, 0, pad)) if pad else x
 
 
 def causal_linear_attention(
