@@ -13,7 +13,7 @@ Shape legend used across attnkit (PyTorch's SDPA layout)::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -66,8 +66,7 @@ def check_same_device(**tensors: Tensor) -> None:
         raise ValueError(f"{', '.join(devices)} must be on one device, got {listed}")
 
 
-@dataclass(frozen=True)
-class QKVDims:
+class QKVDims(NamedTuple):
     """Sizes read off validated q, k, v (see the module's shape legend)."""
 
     B: int
@@ -90,6 +89,26 @@ def check_qkv(q: object, k: object, v: object, *, allow_gqa: bool = True) -> QKV
     With ``allow_gqa`` the query heads H must be a multiple of the key/value heads
     Hk; without it H must equal Hk.
     """
+    # Fast path: valid input costs a handful of attribute reads (sdpa must stay within
+    # a few percent of calling torch directly); any doubt falls through to the
+    # message-building checks below.
+    if type(q) is Tensor and type(k) is Tensor and type(v) is Tensor:
+        qs, ks, vs = q.shape, k.shape, v.shape
+        if (
+            len(qs) == 4
+            and len(ks) == 4
+            and len(vs) == 4
+            and q.dtype in FLOAT_DTYPES
+            and q.dtype == k.dtype == v.dtype
+            and q.device == k.device == v.device
+            and qs[0] == ks[0] == vs[0]
+            and ks[1] == vs[1]
+            and qs[3] == ks[3]
+            and ks[2] == vs[2]
+            and ks[1] > 0
+            and (qs[1] == ks[1] or (allow_gqa and qs[1] % ks[1] == 0))
+        ):
+            return QKVDims(qs[0], qs[1], ks[1], qs[2], ks[2], qs[3], vs[3])
     q = check_tensor("q", q)
     k = check_tensor("k", k)
     v = check_tensor("v", v)
