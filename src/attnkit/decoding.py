@@ -18,7 +18,8 @@ Legend::
          cache K [b, g, n, k], V [b, g, n, v]   (g = h is MHA, g = 1 is MQA)
 
 Cost of one step (the doc's claims; the einsum specs below are exported as module
-constants so the cost model can count them):
+constants, and as :class:`~attnkit._contract.Contraction` records in ``MHA_SPECS``,
+``MQA_SPECS`` and ``GQA_SPECS`` that the steps run and :mod:`attnkit.cost` counts):
 
 - compute, all three: O(b d^2 + b n d) — the projections are b d^2, the logits and
   the weighted sum of values b n d;
@@ -46,6 +47,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from attnkit._contract import Contraction, contract
 from attnkit._validation import check_float, check_same_device, check_same_dtype, check_tensor
 
 __all__ = [
@@ -54,6 +56,7 @@ __all__ = [
     "GQA_LOGITS",
     "GQA_OUT",
     "GQA_Q",
+    "GQA_SPECS",
     "GQA_V",
     "GQA_VALUES",
     "MHA_EINSUMS",
@@ -61,6 +64,7 @@ __all__ = [
     "MHA_LOGITS",
     "MHA_OUT",
     "MHA_Q",
+    "MHA_SPECS",
     "MHA_V",
     "MHA_VALUES",
     "MQA_EINSUMS",
@@ -68,6 +72,7 @@ __all__ = [
     "MQA_LOGITS",
     "MQA_OUT",
     "MQA_Q",
+    "MQA_SPECS",
     "MQA_V",
     "MQA_VALUES",
     "gqa_step",
@@ -111,6 +116,37 @@ GQA_EINSUMS: dict[str, str] = {
     "q": GQA_Q, "k": GQA_K, "v": GQA_V, "logits": GQA_LOGITS, "values": GQA_VALUES, "out": GQA_OUT
 }  # fmt: skip
 
+# ---- the same specs as Contraction records: what the steps run and attnkit.cost counts ---
+# Sizes of the letters in the legend above; the cache index n is n + 1 long once the new
+# token is appended, and r = h/g query heads share one key/value head.
+_SIZES = {"b": "b", "d": "d", "h": "h", "g": "g", "k": "k", "v": "v", "n": "n + 1", "r": "h/g"}
+# Tensor names: operands and result of each role, as the cost model calls them.
+_TENSORS = {
+    "q": (("x", "W_q"), "q"),
+    "k": (("x", "W_k"), "k_new"),
+    "v": (("x", "W_v"), "v_new"),
+    "logits": (("q", "new_K"), "logits"),
+    "values": (("w", "new_V"), "o"),
+    "out": (("o", "W_o"), "y"),
+}
+
+
+def _specs(einsums: dict[str, str]) -> dict[str, Contraction]:
+    """Contraction records of one variant's einsums, keyed by role."""
+    specs = {}
+    for role, equation in einsums.items():
+        operands, output = _TENSORS[role]
+        letters = {c for c in equation if c.isalpha()}
+        sizes = {c: _SIZES[c] for c in sorted(letters)}
+        specs[role] = Contraction(role, equation, operands, output, sizes)
+    return specs
+
+
+#: The contractions of one step of each variant, by role, as run by the step functions.
+MHA_SPECS: dict[str, Contraction] = _specs(MHA_EINSUMS)
+MQA_SPECS: dict[str, Contraction] = _specs(MQA_EINSUMS)
+GQA_SPECS: dict[str, Contraction] = _specs(GQA_EINSUMS)
+
 
 def _shape(name: str, t: object, legend: str, expected: Sequence[int | None]) -> tuple[int, ...]:
     """Check ``t`` is a float tensor of shape ``expected`` (None = any size); return its shape.
@@ -143,11 +179,11 @@ def _check_common(x: object, W_q: object) -> tuple[int, int, int, int]:
     return b, d, h, k
 
 
-def _finish(x: Tensor, logits: Tensor, V: Tensor, spec: str, k: int) -> Tensor:
+def _finish(x: Tensor, logits: Tensor, V: Tensor, spec: Contraction, k: int) -> Tensor:
     """softmax(logits / sqrt(k)) mixed with V; fp32 accumulation for half inputs."""
     acc = torch.promote_types(x.dtype, torch.float32)
     w = torch.softmax(logits.to(acc) / math.sqrt(k), dim=-1)  # [..., n + 1]
-    return torch.einsum(spec, w, V.to(acc)).to(x.dtype)  # [..., v]
+    return contract(spec, w, V.to(acc)).to(x.dtype)  # [..., v]
 
 
 def mha_step(
@@ -179,12 +215,13 @@ def mha_step(
     check_same_dtype(x=x, prev_K=prev_K, prev_V=prev_V, W_q=W_q, W_k=W_k, W_v=W_v, W_o=W_o)
     check_same_device(x=x, prev_K=prev_K, prev_V=prev_V, W_q=W_q, W_k=W_k, W_v=W_v, W_o=W_o)
 
-    q = torch.einsum(MHA_Q, x, W_q)  # [b, h, k]
-    new_K = torch.cat([prev_K, torch.einsum(MHA_K, x, W_k)[:, :, None]], dim=2)  # [b, h, n+1, k]
-    new_V = torch.cat([prev_V, torch.einsum(MHA_V, x, W_v)[:, :, None]], dim=2)  # [b, h, n+1, v]
-    logits = torch.einsum(MHA_LOGITS, q, new_K)  # [b, h, n+1]
-    o = _finish(x, logits, new_V, MHA_VALUES, k)  # [b, h, v]
-    y = torch.einsum(MHA_OUT, o, W_o)  # [b, d]
+    c = MHA_SPECS
+    q = contract(c["q"], x, W_q)  # [b, h, k]
+    new_K = torch.cat([prev_K, contract(c["k"], x, W_k)[:, :, None]], dim=2)  # [b, h, n+1, k]
+    new_V = torch.cat([prev_V, contract(c["v"], x, W_v)[:, :, None]], dim=2)  # [b, h, n+1, v]
+    logits = contract(c["logits"], q, new_K)  # [b, h, n+1]
+    o = _finish(x, logits, new_V, c["values"], k)  # [b, h, v]
+    y = contract(c["out"], o, W_o)  # [b, d]
     return y, new_K, new_V
 
 
@@ -217,12 +254,13 @@ def mqa_step(
     check_same_dtype(x=x, prev_K=prev_K, prev_V=prev_V, W_q=W_q, W_k=W_k, W_v=W_v, W_o=W_o)
     check_same_device(x=x, prev_K=prev_K, prev_V=prev_V, W_q=W_q, W_k=W_k, W_v=W_v, W_o=W_o)
 
-    q = torch.einsum(MQA_Q, x, W_q)  # [b, h, k]
-    new_K = torch.cat([prev_K, torch.einsum(MQA_K, x, W_k)[:, None]], dim=1)  # [b, n+1, k]
-    new_V = torch.cat([prev_V, torch.einsum(MQA_V, x, W_v)[:, None]], dim=1)  # [b, n+1, v]
-    logits = torch.einsum(MQA_LOGITS, q, new_K)  # [b, h, n+1]
-    o = _finish(x, logits, new_V, MQA_VALUES, k)  # [b, h, v]
-    y = torch.einsum(MQA_OUT, o, W_o)  # [b, d]
+    c = MQA_SPECS
+    q = contract(c["q"], x, W_q)  # [b, h, k]
+    new_K = torch.cat([prev_K, contract(c["k"], x, W_k)[:, None]], dim=1)  # [b, n+1, k]
+    new_V = torch.cat([prev_V, contract(c["v"], x, W_v)[:, None]], dim=1)  # [b, n+1, v]
+    logits = contract(c["logits"], q, new_K)  # [b, h, n+1]
+    o = _finish(x, logits, new_V, c["values"], k)  # [b, h, v]
+    y = contract(c["out"], o, W_o)  # [b, d]
     return y, new_K, new_V
 
 
@@ -269,10 +307,11 @@ def gqa_step(
     check_same_dtype(x=x, prev_K=prev_K, prev_V=prev_V, W_q=W_q, W_k=W_k, W_v=W_v, W_o=W_o)
     check_same_device(x=x, prev_K=prev_K, prev_V=prev_V, W_q=W_q, W_k=W_k, W_v=W_v, W_o=W_o)
 
-    q = torch.einsum(GQA_Q, x, W_q).view(b, g, r, k)  # [b, h, k] -> [b, g, r, k], a view
-    new_K = torch.cat([prev_K, torch.einsum(GQA_K, x, W_k)[:, :, None]], dim=2)  # [b, g, n+1, k]
-    new_V = torch.cat([prev_V, torch.einsum(GQA_V, x, W_v)[:, :, None]], dim=2)  # [b, g, n+1, v]
-    logits = torch.einsum(GQA_LOGITS, q, new_K)  # [b, g, r, n+1]
-    o = _finish(x, logits, new_V, GQA_VALUES, k).reshape(b, h, v)  # [b, g, r, v] -> [b, h, v]
-    y = torch.einsum(GQA_OUT, o, W_o)  # [b, d]
+    c = GQA_SPECS
+    q = contract(c["q"], x, W_q).view(b, g, r, k)  # [b, h, k] -> [b, g, r, k], a view
+    new_K = torch.cat([prev_K, contract(c["k"], x, W_k)[:, :, None]], dim=2)  # [b, g, n+1, k]
+    new_V = torch.cat([prev_V, contract(c["v"], x, W_v)[:, :, None]], dim=2)  # [b, g, n+1, v]
+    logits = contract(c["logits"], q, new_K)  # [b, g, r, n+1]
+    o = _finish(x, logits, new_V, c["values"], k).reshape(b, h, v)  # [b, g, r, v] -> [b, h, v]
+    y = contract(c["out"], o, W_o)  # [b, d]
     return y, new_K, new_V

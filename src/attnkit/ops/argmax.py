@@ -33,8 +33,11 @@ from typing import Any
 import torch
 from torch import Generator, Tensor
 
+from attnkit._contract import contract
 from attnkit._registry import Registry
 from attnkit.ops.softmax import (
+    SCORES,
+    VALUES,
     CausalAlignment,
     check_attention_inputs,
     combine_masks,
@@ -42,7 +45,10 @@ from attnkit.ops.softmax import (
     masked_softmax,
 )
 
-__all__ = ["ARGMAX_MODES", "ArgmaxMode", "argmax_attention", "modes"]
+__all__ = ["ARGMAX_MODES", "CONTRACTIONS", "ArgmaxMode", "argmax_attention", "modes"]
+
+#: The contractions of :func:`argmax_attention`: softmax's scores and values, unchanged.
+CONTRACTIONS = (SCORES, VALUES)
 
 # (scores [..., S] with -inf at masked keys, tau, generator) -> weights [..., S]
 ArgmaxMode = Callable[[Tensor, float, Generator | None], Tensor]
@@ -183,7 +189,8 @@ def argmax_attention(
     scale = 1.0 / math.sqrt(E) if scale is None else scale
 
     qg = q.to(acc).reshape(B, Hk, G, L, E)  # query head h = hk * G + g
-    scores = scale * torch.einsum("bkgle,bkse->bkgls", qg, k.to(acc))  # [B, Hk, G, L, S]
+    # The same two contractions as softmax.sdpa_reference (attnkit.cost counts them).
+    scores = scale * contract(SCORES, qg, k.to(acc))  # [B, Hk, G, L, S]
     mask = combine_masks(mask, is_causal, L, S, causal_alignment, q.device)
     if mask is not None:
         mask = group_heads(mask, Hk, G)  # broadcastable to [B, Hk, G, L, S]
@@ -196,5 +203,5 @@ def argmax_attention(
     # A query with no attendable key outputs 0 (argmax of an all -inf row would be key 0).
     attendable = (scores > float("-inf")).any(dim=-1, keepdim=True)
     weights = torch.where(attendable, weights, 0.0)
-    out = torch.einsum("bkgls,bksv->bkglv", weights, v.to(acc))  # [B, Hk, G, L, Ev]
+    out = contract(VALUES, weights, v.to(acc))  # [B, Hk, G, L, Ev]
     return out.reshape(B, H, L, dims.Ev).to(q.dtype)

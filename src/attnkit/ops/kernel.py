@@ -26,11 +26,16 @@ import torch
 from torch import Tensor
 
 from attnkit import feature_maps
+from attnkit._contract import Contraction, contract
 from attnkit._registry import Registry
 from attnkit._validation import QKVDims, check_choice, check_mask, check_qkv
 from attnkit.ops.softmax import CausalAlignment, causal_mask
 
 __all__ = [
+    "CONTRACTIONS",
+    "FEATURE_DOTS",
+    "NUMERATOR",
+    "SIM_DOTS",
     "LogSimilarity",
     "Similarity",
     "SimilarityBuilder",
@@ -42,6 +47,35 @@ __all__ = [
 
 #: ``(q [B, H, L, E], k [B, H, S, E]) -> sim [B, H, L, S]``, one head of k per head of q.
 Similarity = Callable[[Tensor, Tensor], Tensor]
+
+# ---- the contractions of kernel_attention (read by attnkit.cost) ---------------------------
+#: q kᵀ inside the registered similarities (softmax, gaussian, polynomial): any leading
+#: axes, [B, H] in kernel_attention, where k has been expanded to the H query heads.
+SIM_DOTS = Contraction(
+    "dots",
+    "...le,...se->...ls",
+    ("q", "k_heads"),
+    "dots",
+    {"...": "B*H", "l": "L", "s": "S", "e": "E"},
+)
+#: phi(q) phi(k)ᵀ of ``sim="linear"``, D' = Dp features.
+FEATURE_DOTS = Contraction(
+    "feature_dots",
+    "...ld,...sd->...ls",
+    ("fq", "fk_heads"),
+    "dots",
+    {"...": "B*H", "l": "L", "s": "S", "d": "Dp"},
+)
+#: sum_j sim(Q_i, K_j) V_j, per key/value head and its G = H/Hk query heads (no copy of v).
+NUMERATOR = Contraction(
+    "numerator",
+    "bkgls,bksv->bkglv",
+    ("sim", "v"),
+    "num",
+    {"b": "B", "k": "Hk", "g": "H/Hk", "l": "L", "s": "S", "v": "Ev"},
+)
+#: Every contraction of this module.
+CONTRACTIONS: tuple[Contraction, ...] = (SIM_DOTS, FEATURE_DOTS, NUMERATOR)
 
 _ALIGNMENTS: tuple[str, ...] = ("upper_left", "lower_right")
 
@@ -99,7 +133,7 @@ def _softmax(scale: float | None = None) -> Similarity:
     """sim(q, k) = exp(scale * q . k), scale = 1/sqrt(E) by default: softmax attention."""
 
     def log_sim(q: Tensor, k: Tensor) -> Tensor:
-        return (q @ k.transpose(-2, -1)) * _default_scale(scale, q)
+        return contract(SIM_DOTS, q, k) * _default_scale(scale, q)
 
     return LogSimilarity(log_sim)
 
@@ -110,7 +144,7 @@ def _gaussian(scale: float | None = None) -> Similarity:
 
     def log_sim(q: Tensor, k: Tensor) -> Tensor:
         # ||q - k||^2 = ||q||^2 - 2 q.k + ||k||^2, without an [L, S, E] difference tensor.
-        sq = (q * q).sum(-1, keepdim=True) - 2.0 * (q @ k.transpose(-2, -1))
+        sq = (q * q).sum(-1, keepdim=True) - 2.0 * contract(SIM_DOTS, q, k)
         sq = sq + (k * k).sum(-1).unsqueeze(-2)
         return -0.5 * _default_scale(scale, q) * sq
 
@@ -124,7 +158,7 @@ def _polynomial(degree: int = 2, c: float = 1.0) -> Similarity:
         raise ValueError(f"polynomial similarity: degree must be an int >= 1, got {degree!r}")
 
     def sim(q: Tensor, k: Tensor) -> Tensor:
-        return (q @ k.transpose(-2, -1) + c) ** degree
+        return (contract(SIM_DOTS, q, k) + c) ** degree
 
     return sim
 
@@ -137,7 +171,7 @@ def _linear(feature_map: str | feature_maps.FeatureMap = "elu") -> Similarity:
     def sim(q: Tensor, k: Tensor) -> Tensor:
         fq: Tensor = phi(q)
         fk: Tensor = phi(k)
-        return fq @ fk.transpose(-2, -1)
+        return contract(FEATURE_DOTS, fq, fk)
 
     return sim
 
@@ -285,8 +319,8 @@ def kernel_attention(
             w = w.masked_fill(~keep, 0.0)
     w = w.to(acc)
 
-    # [B, H, L, S] -> [B, Hk, G*L, S] so v is used per key/value head without a copy.
-    num = (w.reshape(B, Hk, G * L, S) @ vf).reshape(B, H, L, Ev)
+    # [B, H, L, S] -> [B, Hk, G, L, S] so v is used per key/value head without a copy.
+    num = contract(NUMERATOR, w.reshape(B, Hk, G, L, S), vf).reshape(B, H, L, Ev)
     if not normalize:
         return num.to(out_dtype)
     den = w.sum(dim=-1)  # [B, H, L]

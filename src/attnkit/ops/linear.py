@@ -27,13 +27,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from attnkit._contract import Contraction, contract
 from attnkit._validation import QKVDims, check_choice, check_qkv, check_tensor
 from attnkit.feature_maps import FeatureMap, resolve
 from attnkit.ops.linear_chunked import causal_linear_attention
 
 __all__ = [
+    "CHUNK_DENOMINATOR",
+    "CHUNK_INTER",
+    "CHUNK_INTRA",
+    "CHUNK_SCORES",
+    "CHUNK_STATES",
+    "CONTRACTIONS",
     "DEFAULT_CHUNK_SIZE",
+    "DENOMINATOR",
     "IMPLEMENTATIONS",
+    "NUMERATOR",
+    "STATE",
+    "STEP_DENOMINATOR",
+    "STEP_NUMERATOR",
     "LinearAttentionState",
     "linear_attention",
     "linear_attention_step",
@@ -43,6 +55,86 @@ __all__ = [
 #: Intra-chunk work grows like L C (D' + Ev) and the stored chunk states like
 #: (L / C) D' Ev; 64 balances the two for the usual widths and fills a matmul tile.
 DEFAULT_CHUNK_SIZE = 64
+
+# ---- the contractions of this module (read by attnkit.cost) ---------------------------------
+# Letters: b = B, h = Hk (key/value heads), g = H/Hk query heads per key/value head,
+# l = L, s = S, d = Dp (feature width D'), m = Ev, c = C (chunk length), n = L/C chunks.
+_HEADS = {"b": "B", "h": "Hk"}
+_GROUPS = {**_HEADS, "g": "H/Hk"}
+_CHUNKS = {**_HEADS, "n": "L/C", "c": "C"}
+
+#: Non-causal state sum_j phi(K_j)^T V_j: fk [B, Hk, S, D'] · v [B, Hk, S, Ev] -> [B, Hk, D', Ev]
+STATE = Contraction(
+    "state", "bhsd,bhsm->bhdm", ("fk", "v"), "kv", {**_HEADS, "s": "S", "d": "Dp", "m": "Ev"}
+)
+#: Numerator phi(Q_i) S: fq [B, Hk, G, L, D'] · S [B, Hk, D', Ev] -> [B, Hk, G, L, Ev]
+NUMERATOR = Contraction(
+    "numerator",
+    "bhgld,bhdm->bhglm",
+    ("fq", "S"),
+    "num",
+    {**_GROUPS, "l": "L", "d": "Dp", "m": "Ev"},
+)
+#: Denominator phi(Q_i) . z: fq [B, Hk, G, L, D'] · z [B, Hk, D'] -> [B, Hk, G, L]
+DENOMINATOR = Contraction(
+    "denominator", "bhgld,bhd->bhgl", ("fq", "z"), "den", {**_GROUPS, "l": "L", "d": "Dp"}
+)
+#: Causal, per chunk: phi(K_c)^T V_c -> [B, Hk, n, D', Ev]
+CHUNK_STATES = Contraction(
+    "chunk_states", "bhncd,bhncm->bhndm", ("fk", "v"), "kv", {**_CHUNKS, "d": "Dp", "m": "Ev"}
+)
+#: Causal, intra-chunk similarities phi(Q_c) phi(K_c)^T -> [B, Hk, G, n, C, C] (then masked)
+CHUNK_SCORES = Contraction(
+    "chunk_scores",
+    "bhgncd,bhnsd->bhgncs",
+    ("fq", "fk"),
+    "A_raw",
+    {**_CHUNKS, "g": "H/Hk", "s": "C", "d": "Dp"},
+)
+#: Causal, inter-chunk numerator phi(Q_c) S_prev[c] -> [B, Hk, G, n, C, Ev]
+CHUNK_INTER = Contraction(
+    "chunk_inter",
+    "bhgncd,bhndm->bhgncm",
+    ("fq", "S_prev"),
+    "num_inter",
+    {**_CHUNKS, "g": "H/Hk", "d": "Dp", "m": "Ev"},
+)
+#: Causal, intra-chunk numerator tril(A) V_c -> [B, Hk, G, n, C, Ev]
+CHUNK_INTRA = Contraction(
+    "chunk_intra",
+    "bhgncs,bhnsm->bhgncm",
+    ("A", "v"),
+    "num_intra",
+    {**_CHUNKS, "g": "H/Hk", "s": "C", "m": "Ev"},
+)
+#: Causal, inter-chunk denominator phi(Q_c) . z_prev[c] -> [B, Hk, G, n, C]
+CHUNK_DENOMINATOR = Contraction(
+    "chunk_denominator",
+    "bhgncd,bhnd->bhgnc",
+    ("fq", "z_prev"),
+    "den_inter",
+    {**_CHUNKS, "g": "H/Hk", "d": "Dp"},
+)
+#: Recurrent step: phi(q) S' -> [B, Hk, G, Ev] and phi(q) . z' -> [B, Hk, G]
+STEP_NUMERATOR = Contraction(
+    "step_numerator", "bhgd,bhdm->bhgm", ("fq", "S"), "num", {**_GROUPS, "d": "Dp", "m": "Ev"}
+)
+STEP_DENOMINATOR = Contraction(
+    "step_denominator", "bhgd,bhd->bhg", ("fq", "z"), "den", {**_GROUPS, "d": "Dp"}
+)
+#: Every contraction of this module: non-causal, causal chunked, recurrent step.
+CONTRACTIONS: tuple[Contraction, ...] = (
+    STATE,
+    NUMERATOR,
+    DENOMINATOR,
+    CHUNK_STATES,
+    CHUNK_SCORES,
+    CHUNK_INTER,
+    CHUNK_INTRA,
+    CHUNK_DENOMINATOR,
+    STEP_NUMERATOR,
+    STEP_DENOMINATOR,
+)
 
 
 class LinearAttentionState(NamedTuple):
@@ -161,7 +253,7 @@ def _causal_chunked(
 
     # Per-chunk sums, then the exclusive prefix over chunks plus the initial state:
     # S_prev[c] = S0 + sum_{c' < c} phi(K_c')^T V_c'.
-    kv = torch.einsum("bhncd,bhncm->bhndm", kc, vc)  # [B, Hk, n, D', Ev]
+    kv = contract(CHUNK_STATES, kc, vc)  # [B, Hk, n, D', Ev]
     kz = kc.sum(dim=-2)  # [B, Hk, n, D']
     S_prev = torch.cat([state.S.unsqueeze(2), kv[:, :, :-1]], dim=2).cumsum(dim=2)
     z_prev = torch.cat([state.z.unsqueeze(2), kz[:, :, :-1]], dim=2).cumsum(dim=2)
@@ -169,11 +261,11 @@ def _causal_chunked(
 
     # Intra-chunk: tril(phi(Qc) phi(Kc)^T) Vc, diagonal included (a token sees itself).
     tri = torch.ones(C, C, dtype=torch.bool, device=fq.device).tril()
-    A = torch.einsum("bhgncd,bhnsd->bhgncs", qc, kc).masked_fill(~tri, 0.0)
-    num = torch.einsum("bhgncd,bhndm->bhgncm", qc, S_prev)  # inter-chunk
-    num = num + torch.einsum("bhgncs,bhnsm->bhgncm", A, vc)  # intra-chunk
+    A = contract(CHUNK_SCORES, qc, kc).masked_fill(~tri, 0.0)
+    num = contract(CHUNK_INTER, qc, S_prev)  # inter-chunk
+    num = num + contract(CHUNK_INTRA, A, vc)  # intra-chunk
     if normalize:
-        den = torch.einsum("bhgncd,bhnd->bhgnc", qc, z_prev) + A.sum(dim=-1)
+        den = contract(CHUNK_DENOMINATOR, qc, z_prev) + A.sum(dim=-1)
         num = num / den.clamp_min(eps).unsqueeze(-1)
     o = num.reshape(B, Hk, G, n * C, Ev)[:, :, :, :L]
     return o, final
@@ -326,13 +418,12 @@ def linear_attention(
         o5, final = _causal_chunked(fq5, fk, vf, state, chunk, normalize, eps)
         o = o5.reshape(B, H, L, Ev)
     else:
-        S = state.S + torch.einsum("bhsd,bhsm->bhdm", fk, vf)  # [B, Hk, D', Ev]
+        S = state.S + contract(STATE, fk, vf)  # [B, Hk, D', Ev]
         z = state.z + fk.sum(dim=-2)  # [B, Hk, D']
         final = LinearAttentionState(S, z)
-        qg = fq5.reshape(B, Hk, G * L, Dp)
-        num = qg @ S  # [B, Hk, G*L, Ev]
+        num = contract(NUMERATOR, fq5, S)  # [B, Hk, G, L, Ev]
         if normalize:
-            den = torch.einsum("bhnd,bhd->bhn", qg, z)
+            den = contract(DENOMINATOR, fq5, z)  # [B, Hk, G, L]
             num = num / den.clamp_min(eps).unsqueeze(-1)
         o = num.reshape(B, H, L, Ev)
     return o.to(q.dtype), (final if output_final_state else None)
@@ -397,8 +488,8 @@ def linear_attention_step(
         S, z = _check_state("state", state, dims, Dp, phi, q.device, acc)
     S = S + fk.unsqueeze(-1) * vf.unsqueeze(-2)
     z = z + fk
-    num = torch.einsum("bhgd,bhdm->bhgm", fq, S)
+    num = contract(STEP_NUMERATOR, fq, S)
     if normalize:
-        den = torch.einsum("bhgd,bhd->bhg", fq, z)
+        den = contract(STEP_DENOMINATOR, fq, z)
         num = num / den.clamp_min(eps).unsqueeze(-1)
     return num.reshape(B, H, 1, Ev).to(q.dtype), LinearAttentionState(S, z)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from attnkit._contract import Contraction, contract
 from attnkit._validation import QKVDims, check_choice, check_mask, check_qkv
 
 CausalAlignment = Literal["upper_left", "lower_right"]
@@ -30,6 +31,9 @@ CAUSAL_ALIGNMENTS: tuple[str, ...] = ("upper_left", "lower_right")
 
 __all__ = [
     "CAUSAL_ALIGNMENTS",
+    "CONTRACTIONS",
+    "SCORES",
+    "VALUES",
     "CausalAlignment",
     "causal_mask",
     "check_attention_inputs",
@@ -39,6 +43,20 @@ __all__ = [
     "sdpa",
     "sdpa_reference",
 ]
+
+# ---- the contractions of sdpa_reference (read by attnkit.cost) -----------------------------
+# Grouped-query layout: q is viewed as [B, Hk, G, L, E], G = H/Hk query heads per key/value
+# head, so k and v are used per key/value head without copies.
+_GROUPED = {"b": "B", "k": "Hk", "g": "H/Hk", "l": "L", "s": "S"}
+
+#: scores = q kᵀ: q [B, Hk, G, L, E] · k [B, Hk, S, E] -> [B, Hk, G, L, S]
+SCORES = Contraction("scores", "bkgle,bkse->bkgls", ("q", "k"), "scores", {**_GROUPED, "e": "E"})
+#: out = weights v: weights [B, Hk, G, L, S] · v [B, Hk, S, Ev] -> [B, Hk, G, L, Ev]
+VALUES = Contraction(
+    "values", "bkgls,bksv->bkglv", ("weights", "v"), "out", {**_GROUPED, "v": "Ev"}
+)
+#: Both, in the order :func:`sdpa_reference` runs them.
+CONTRACTIONS: tuple[Contraction, ...] = (SCORES, VALUES)
 
 
 def causal_mask(L: int, S: int, alignment: str, device: torch.device | None = None) -> Tensor:
@@ -232,7 +250,7 @@ def sdpa_reference(
 
     qg = q.to(acc).reshape(B, Hk, G, L, E)  # query head h = hk * G + g
     kf, vf = k.to(acc), v.to(acc)
-    scores = scale * torch.einsum("bkgle,bkse->bkgls", qg, kf)  # [B, Hk, G, L, S]
+    scores = scale * contract(SCORES, qg, kf)  # [B, Hk, G, L, S]
 
     mask = combine_masks(mask, is_causal, L, S, causal_alignment, q.device)
     if mask is not None:
@@ -243,5 +261,5 @@ def sdpa_reference(
             scores = scores + mask.to(acc)
 
     weights = masked_softmax(scores)  # [B, Hk, G, L, S]
-    out = torch.einsum("bkgls,bksv->bkglv", weights, vf)  # [B, Hk, G, L, Ev]
+    out = contract(VALUES, weights, vf)  # [B, Hk, G, L, Ev]
     return out.reshape(B, H, L, dims.Ev).to(q.dtype)

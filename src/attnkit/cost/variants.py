@@ -1,0 +1,299 @@
+"""Every attention variant of attnkit, as the program of steps its implementation runs.
+
+The contractions are the op modules' own records (``softmax.SCORES``,
+``linear.CHUNK_INTER``, ``decoding.MHA_SPECS["logits"]``, ...), the very objects the
+implementations pass to :func:`attnkit._contract.contract`; only the elementwise steps,
+cache copies and the shapes of tensors no contraction names are declared here.
+
+Variants (``attnkit cost --table`` lists them with their complexity)::
+
+    softmax          sdpa_reference                     forward, train
+    argmax           argmax_attention(mode="hard")      forward, train
+    kernel           kernel_attention(sim="polynomial") forward, train  (q.k + 1)^2
+    linear           linear_attention, non-causal       forward, train  quadratic phi
+    linear_chunked   linear_attention, causal chunked   forward, train  quadratic phi
+    linear_step      linear_attention_step              decode          quadratic phi
+    mha, mqa, gqa    decoding.mha_step / mqa_step / gqa_step           decode
+
+Non-causal softmax, argmax and kernel attention; no masks, dropout or eps checks
+(they are O(L S) elementwise at most and change no matmul).
+"""
+
+from __future__ import annotations
+
+from attnkit import decoding
+from attnkit._contract import Contraction
+from attnkit.cost.model import Elementwise, Step, Variant, register
+from attnkit.ops import kernel, linear, softmax
+
+__all__ = ["DECODE_ASSUMPTIONS", "LINEAR_ASSUMPTIONS", "SEQUENCE_ASSUMPTIONS", "STEP_ASSUMPTIONS"]
+
+#: Big-O assumptions of the design doc's table, per head and sequence: the doc writes
+#: N, D, M for L = S, E, Ev and drops B and H.
+SEQUENCE_ASSUMPTIONS = "N, D, M >> 1; B = H = Hk = 1; L = S = N; E = D; Ev = M"
+#: Linear attention: the quadratic feature map (D' = C(D+2, 2)), value width at most the
+#: key width and the sequence length (the doc's "M ~ D").
+LINEAR_ASSUMPTIONS = SEQUENCE_ASSUMPTIONS + "; Dp = binomial(D + 2, 2); M <= D; M <= N; C <= N"
+#: One recurrent step: no sequence length at all.
+STEP_ASSUMPTIONS = "D, M >> 1; B = H = Hk = 1; E = D; Ev = M; Dp = binomial(D + 2, 2); M <= D"
+#: Decoding: "n, d >> h" of the doc, head widths d/h; the cache may be empty (n >= 0).
+DECODE_ASSUMPTIONS = "b, n, d >> h, g; g <= h; n >= 0; k = d/h; v = d/h"
+
+_SEQUENCE_DEFAULTS = {"B": 1, "H": 4, "Hk": 4, "L": 1024, "S": 1024, "E": 64, "Ev": 64}
+_LINEAR_DEFAULTS = {**_SEQUENCE_DEFAULTS, "E": 16, "Ev": 16, "C": 64}
+_DECODE_DEFAULTS = {"b": 8, "d": 1024, "h": 16, "g": 4, "k": 64, "v": 64, "n": 1024}
+_QUADRATIC = {"Dp": "binomial(E + 2, 2)"}  # Polynomial(degree=2, c=1).out_dim(E)
+
+_QKV = ("q", "k", "v")
+_GROUPED = ("B", "Hk", "H/Hk", "L", "S")  # [B, Hk, G, L, S], G = H/Hk
+
+
+def _divide(over: str = "num") -> Elementwise:
+    # num / den.clamp_min(eps).unsqueeze(-1): clamp and divide.
+    return Elementwise(
+        "guard and divide", ("num", "den"), "out", 2, over=over, saves=("num", "den")
+    )
+
+
+def _phi(x: str, out: str) -> Elementwise:
+    # PowerSeries: one gathered product and one coefficient multiply per feature.
+    return Elementwise(f"phi({x})", (x,), out, 2, saves=(x,), backward_flops_per_element=3)
+
+
+# ---- softmax and argmax ----------------------------------------------------------------------
+register(
+    Variant(
+        name="softmax",
+        summary="softmax attention, plain reference (the fused kernel's math)",
+        implementation="attnkit.ops.softmax.sdpa_reference",
+        steps=(
+            softmax.SCORES,
+            Elementwise("scale", ("scores",), "scaled", 1),
+            Elementwise(
+                "softmax",
+                ("scaled",),
+                "weights",
+                5,
+                saves=("weights",),
+                backward_flops_per_element=4,
+            ),
+            softmax.VALUES,
+        ),
+        tensors={"scaled": _GROUPED},
+        inputs=_QKV,
+        outputs=("out",),
+        grad_inputs=_QKV,
+        recomputable=("scores", "scaled", "weights"),
+        assumptions=SEQUENCE_ASSUMPTIONS,
+        defaults=_SEQUENCE_DEFAULTS,
+    )
+)
+
+register(
+    Variant(
+        name="argmax",
+        summary="hard (argmax) attention; q, k get exact-zero gradients, computed by bmm",
+        implementation="attnkit.ops.argmax.argmax_attention",
+        steps=(
+            softmax.SCORES,
+            Elementwise("scale", ("scores",), "scaled", 1),
+            Elementwise("one-hot argmax", ("scaled",), "onehot", 1, backward_flops_per_element=0),
+            Elementwise(
+                "zero unattendable rows", ("scaled", "onehot"), "weights", 2, over="scaled"
+            ),
+            softmax.VALUES,
+        ),
+        tensors={"scaled": _GROUPED, "onehot": _GROUPED},
+        inputs=_QKV,
+        outputs=("out",),
+        grad_inputs=_QKV,
+        recomputable=("scores", "scaled", "onehot", "weights"),
+        assumptions=SEQUENCE_ASSUMPTIONS,
+        defaults=_SEQUENCE_DEFAULTS,
+    )
+)
+
+# ---- kernelized attention, equation (4), quadratic kernel ----------------------------------
+register(
+    Variant(
+        name="kernel",
+        summary="kernel attention, sim = (q.k + 1)^2, the O(L S) reference",
+        implementation='attnkit.ops.kernel.kernel_attention(sim="polynomial")',
+        steps=(
+            Elementwise("expand k to the H heads (a copy when H != Hk)", ("k",), "k_heads", 0),
+            kernel.SIM_DOTS,
+            Elementwise("(q.k + 1)^2", ("dots",), "sim", 2, saves=("dots",)),
+            kernel.NUMERATOR,
+            Elementwise("row sums", ("sim",), "den", 1, over="sim"),
+            _divide(),
+        ),
+        tensors={
+            "k": ("B", "Hk", "S", "E"),
+            "den": ("B", "H", "L"),
+            "out": ("B", "H", "L", "Ev"),
+        },
+        inputs=_QKV,
+        outputs=("out",),
+        grad_inputs=_QKV,
+        recomputable=("k_heads", "dots", "sim"),
+        assumptions=SEQUENCE_ASSUMPTIONS,
+        defaults=_SEQUENCE_DEFAULTS,
+    )
+)
+
+# ---- linearized attention, equation (6), quadratic feature map -----------------------------
+_LINEAR_TENSORS = {
+    "q": ("B", "H", "L", "E"),
+    "k": ("B", "Hk", "S", "E"),
+    "S0": ("B", "Hk", "Dp", "Ev"),
+    "z0": ("B", "Hk", "Dp"),
+    "out": ("B", "H", "L", "Ev"),
+}
+
+
+def _linear(
+    name: str,
+    summary: str,
+    implementation: str,
+    steps: tuple[Step, ...],
+    tensors: dict[str, tuple[str, ...]],
+    recomputable: tuple[str, ...],
+) -> Variant:
+    return Variant(
+        name=name,
+        summary=summary,
+        implementation=implementation,
+        steps=steps,
+        tensors={**_LINEAR_TENSORS, **tensors},
+        inputs=(*_QKV, "S0", "z0"),
+        outputs=("out",),
+        grad_inputs=_QKV,
+        recomputable=recomputable,
+        assumptions=LINEAR_ASSUMPTIONS,
+        defaults=_LINEAR_DEFAULTS,
+        derived=_QUADRATIC,
+    )
+
+
+register(
+    _linear(
+        "linear",
+        "linear attention, non-causal, quadratic phi (D' = C(D+2, 2))",
+        "attnkit.ops.linear.linear_attention(is_causal=False)",
+        (
+            _phi("q", "fq"),
+            _phi("k", "fk"),
+            linear.STATE,
+            Elementwise("S = S0 + kv", ("S0", "kv"), "S", 1),
+            Elementwise("z = z0 + sum_j phi(K_j)", ("z0", "fk"), "z", 1, over="fk"),
+            linear.NUMERATOR,
+            linear.DENOMINATOR,
+            _divide(),
+        ),
+        {},
+        ("fq", "fk"),
+    )
+)
+
+register(
+    _linear(
+        "linear_chunked",
+        "linear attention, causal, chunked (reference path), quadratic phi",
+        'attnkit.ops.linear.linear_attention(is_causal=True, implementation="reference")',
+        (
+            _phi("q", "fq"),
+            _phi("k", "fk"),
+            linear.CHUNK_STATES,
+            Elementwise("chunk key sums", ("fk",), "kz", 1, over="fk"),
+            Elementwise("exclusive prefix of chunk states", ("S0", "kv"), "S_prev", 1),
+            Elementwise("exclusive prefix of key sums", ("z0", "kz"), "z_prev", 1),
+            Elementwise("final state S", ("S_prev", "kv"), "S_final", 1),
+            Elementwise("final state z", ("z_prev", "kz"), "z_final", 1),
+            linear.CHUNK_SCORES,
+            Elementwise("causal mask", ("A_raw",), "A", 1),
+            linear.CHUNK_INTER,
+            linear.CHUNK_INTRA,
+            Elementwise("inter + intra", ("num_inter", "num_intra"), "num", 1),
+            linear.CHUNK_DENOMINATOR,
+            Elementwise("den = den_inter + rowsum(A)", ("den_inter", "A"), "den", 1, over="A"),
+            _divide(),
+        ),
+        {
+            "kz": ("B", "Hk", "L/C", "Dp"),
+            "S_final": ("B", "Hk", "Dp", "Ev"),
+            "z_final": ("B", "Hk", "Dp"),
+            "num": ("B", "Hk", "H/Hk", "L", "Ev"),
+            "den": ("B", "Hk", "H/Hk", "L"),
+        },
+        # What a recomputing backward (attnkit.ops.linear_chunked) does not keep.
+        ("fq", "fk", "kv", "kz", "S_prev", "z_prev", "A_raw", "A"),
+    )
+)
+
+register(
+    Variant(
+        name="linear_step",
+        summary="linear attention, one recurrent decoding step, quadratic phi",
+        implementation="attnkit.ops.linear.linear_attention_step",
+        steps=(
+            _phi("q", "fq"),
+            _phi("k", "fk"),
+            Elementwise("S = S0 + phi(k)^T v", ("S0", "fk", "v"), "S", 2),
+            Elementwise("z = z0 + phi(k)", ("z0", "fk"), "z", 1),
+            linear.STEP_NUMERATOR,
+            linear.STEP_DENOMINATOR,
+            _divide(),
+        ),
+        tensors={
+            "q": ("B", "H", "E"),
+            "k": ("B", "Hk", "E"),
+            "v": ("B", "Hk", "Ev"),
+            "fk": ("B", "Hk", "Dp"),
+            "S0": ("B", "Hk", "Dp", "Ev"),
+            "z0": ("B", "Hk", "Dp"),
+            "out": ("B", "H", "Ev"),
+        },
+        inputs=(*_QKV, "S0", "z0"),
+        outputs=("out", "S", "z"),
+        phases=("decode",),
+        assumptions=STEP_ASSUMPTIONS,
+        defaults={k: v for k, v in _LINEAR_DEFAULTS.items() if k not in ("L", "S", "C")},
+        derived=_QUADRATIC,
+    )
+)
+
+
+# ---- incremental decoding: MHA, MQA, GQA -------------------------------------------------
+def _decode_steps(specs: dict[str, Contraction]) -> tuple[Step, ...]:
+    return (
+        specs["q"],
+        specs["k"],
+        specs["v"],
+        Elementwise("append k (torch.cat copies the cache)", ("prev_K", "k_new"), "new_K", 0),
+        Elementwise("append v (torch.cat copies the cache)", ("prev_V", "v_new"), "new_V", 0),
+        specs["logits"],
+        Elementwise("softmax(logits / sqrt(k))", ("logits",), "w", 6),
+        specs["values"],
+        specs["out"],
+    )
+
+
+for _name, _fn, _specs, _cache in (
+    ("mha", "mha_step", decoding.MHA_SPECS, ("b", "h", "n")),
+    ("mqa", "mqa_step", decoding.MQA_SPECS, ("b", "n")),
+    ("gqa", "gqa_step", decoding.GQA_SPECS, ("b", "g", "n")),
+):
+    register(
+        Variant(
+            name=_name,
+            summary=f"{_name.upper()} decoding step, one new token, n cached",
+            implementation=f"attnkit.decoding.{_fn}",
+            steps=_decode_steps(_specs),
+            tensors={"prev_K": (*_cache, "k"), "prev_V": (*_cache, "v")},
+            inputs=("x", "prev_K", "prev_V", "W_q", "W_k", "W_v", "W_o"),
+            outputs=("y", "new_K", "new_V"),
+            phases=("decode",),
+            assumptions=DECODE_ASSUMPTIONS,
+            defaults=_DECODE_DEFAULTS,
+        )
+    )

@@ -1,0 +1,212 @@
+"""attnkit.cost, measured side: counted FLOPs == model FLOPs exactly; growth exponents.
+
+FLOPs are counted by torch.utils.flop_counter.FlopCounterMode on the real
+implementations (softmax: the plain sdpa_reference path for "keep", torch's CPU fused
+kernel with torch's own SDPA formulas registered for "recompute"). Timing tests assert
+nothing but wide bands around the slope, on small sizes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import pytest
+import torch
+
+import attnkit
+import attnkit.cost as cost
+from attnkit.cost.measure import count_flops, t_quantile
+
+# Awkward sizes: odd lengths, widths not powers of two, GQA ratios, L != S.
+SIZES: dict[str, list[dict[str, int]]] = {
+    "softmax": [
+        {"B": 2, "H": 6, "Hk": 2, "L": 7, "S": 11, "E": 5, "Ev": 5},
+        {"B": 1, "H": 3, "Hk": 3, "L": 1, "S": 9, "E": 12, "Ev": 12},
+    ],
+    "argmax": [{"B": 2, "H": 6, "Hk": 3, "L": 7, "S": 11, "E": 5, "Ev": 3}],
+    "kernel": [{"B": 2, "H": 4, "Hk": 1, "L": 9, "S": 6, "E": 3, "Ev": 7}],
+    "linear": [
+        {"B": 2, "H": 4, "Hk": 2, "L": 9, "S": 6, "E": 3, "Ev": 7},
+        {"B": 1, "H": 1, "Hk": 1, "L": 1, "S": 1, "E": 5, "Ev": 1},
+    ],
+    "linear_chunked": [
+        {"B": 2, "H": 6, "Hk": 2, "L": 15, "S": 15, "E": 3, "Ev": 5, "C": 5},
+        {"B": 1, "H": 2, "Hk": 1, "L": 8, "S": 8, "E": 4, "Ev": 3, "C": 8},
+    ],
+    "linear_step": [{"B": 3, "H": 6, "Hk": 2, "E": 3, "Ev": 5}],
+    "mha": [
+        {"b": 3, "d": 12, "h": 4, "k": 3, "v": 5, "n": 7},
+        {"b": 1, "d": 6, "h": 1, "k": 6, "v": 6, "n": 0},
+    ],
+    "mqa": [{"b": 3, "d": 12, "h": 4, "k": 3, "v": 5, "n": 7}],
+    "gqa": [{"b": 2, "d": 10, "h": 6, "g": 3, "k": 5, "v": 3, "n": 9}],
+}
+
+CASES = [
+    pytest.param(variant, phase, activations, sizes, id=f"{variant}-{phase}-{activations}-{i}")
+    for variant, size_list in SIZES.items()
+    for phase in cost.get(variant).phases
+    for activations in ("keep", "recompute")
+    if activations == "keep" or (variant == "softmax" and phase == "train")
+    for i, sizes in enumerate(size_list)
+]
+
+
+@pytest.mark.parametrize(("variant", "phase", "activations", "sizes"), CASES)
+def test_counted_matmul_flops_equal_the_model(
+    variant: str, phase: str, activations: str, sizes: dict[str, int]
+) -> None:
+    values = cost.resolve_sizes(variant, sizes)
+    measured = cost.measure(variant, values, phase, activations=activations, timed=False)
+    assert measured.runner.pinned
+    model = cost.matmul_flops_at(variant, values, phase, activations=activations)
+    assert measured.flops == model > 0
+    if all(x >= 2 for x in values.values()):  # no summed index of size 1: the symbolic count
+        symbolic = cost.flops(variant, phase, activations=activations, matmul_only=True)
+        assert cost.evaluate(symbolic, values) == model
+
+
+def test_a_sum_over_one_element_is_a_multiply_not_a_matmul() -> None:
+    # S = 1: torch.einsum turns the state contraction (summed over s) into a mul.
+    values = cost.resolve_sizes(
+        "linear", {"B": 1, "H": 1, "Hk": 1, "L": 1, "S": 1, "E": 5, "Ev": 1}
+    )
+    symbolic = cost.evaluate(cost.flops("linear", matmul_only=True), values)
+    state = 2 * values["Dp"] * values["Ev"]  # 2 · S · D' · Ev with S = 1
+    assert cost.matmul_flops_at("linear", values) == symbolic - state
+    assert cost.measure("linear", values, timed=False).flops == symbolic - state
+
+
+def test_fused_cpu_sdpa_is_counted_by_the_registered_formula() -> None:
+    q, k, v = torch.randn(1, 2, 16, 8), torch.randn(1, 2, 16, 8), torch.randn(1, 2, 16, 8)
+    f = torch.nn.functional.scaled_dot_product_attention
+    assert count_flops(lambda: f(q, k, v)) == 2 * 2 * 16 * 16 * (8 + 8)
+    # Without the formulas FlopCounterMode sees the fused op and counts nothing.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        f(q, k, v)
+    assert counter.get_total_flops() == 0
+
+
+def test_recomputing_causal_linear_attention_runs_but_is_not_pinned() -> None:
+    sizes = cost.resolve_sizes("linear_chunked", SIZES["linear_chunked"][0])
+    m = cost.measure("linear_chunked", sizes, "train", activations="recompute", timed=False)
+    assert not m.runner.pinned and m.flops > 0
+
+
+def test_runners_reject_sizes_the_model_cannot_count() -> None:
+    sizes = cost.resolve_sizes("linear_chunked", {"L": 10, "S": 10, "C": 4})
+    with pytest.raises(ValueError, match="chunk length C: 4 must divide 10"):
+        cost.measure("linear_chunked", sizes, timed=False)
+    with pytest.raises(ValueError, match="no 'recompute' implementation of 'linear'"):
+        cost.runner("linear", "recompute")
+    with pytest.raises(ValueError, match="needs E == Ev"):
+        cost.measure(
+            "softmax", cost.resolve_sizes("softmax", {"E": 4, "Ev": 6}), activations="recompute"
+        )
+
+
+# ---- fitting ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("p", "df", "t"),
+    [
+        (0.975, 1, 12.7062),
+        (0.975, 2, 4.3027),
+        (0.975, 5, 2.5706),
+        (0.995, 30, 2.7500),
+        (0.025, 10, -2.2281),
+    ],
+)
+def test_t_quantile_matches_tables(p: float, df: int, t: float) -> None:
+    assert t_quantile(p, df) == pytest.approx(t, abs=1e-3)
+
+
+def test_fit_loglog_recovers_a_power_law() -> None:
+    sizes = [2, 4, 8, 16, 32]
+    fit = cost.fit_loglog(sizes, [3.0 * x**2.5 for x in sizes])
+    assert fit.slope == pytest.approx(2.5) and math.exp(fit.intercept) == pytest.approx(3.0)
+    assert fit.high - fit.low < 1e-9 and 2.5 in fit
+    noisy = cost.fit_loglog(sizes, [x * (1.1 if i % 2 else 0.9) for i, x in enumerate(sizes)])
+    assert noisy.low < 1.0 < noisy.high and "95%" in str(noisy)
+
+
+def test_fit_loglog_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="at least 3"):
+        cost.fit_loglog([1, 2], [1, 2])
+    with pytest.raises(ValueError, match="> 0"):
+        cost.fit_loglog([1, 2, 3], [1, 0, 2])
+    with pytest.raises(ValueError, match="equal lengths"):
+        cost.fit_loglog([1, 2, 3], [1, 2])
+
+
+def _best_of(
+    attempts: int, fit: Callable[[], cost.ExponentFit], target: float, tol: float
+) -> cost.ExponentFit:
+    """Timing on a shared 2-core CPU is noisy: accept the first of a few fits near target."""
+    result = fit()
+    for _ in range(attempts - 1):
+        if abs(result.slope - target) <= tol:
+            break
+        result = fit()
+    return result
+
+
+def test_softmax_time_grows_like_n_squared() -> None:
+    # The fused kernel streams over keys; sdpa_reference's [N, N] matrices fall out of
+    # cache near N = 1024 on this machine and steepen the slope.
+    def make(n: int) -> Callable[[], object]:
+        q, k, v = (torch.randn(1, 1, n, 32) for _ in range(3))
+        return lambda: attnkit.sdpa(q, k, v)
+
+    fit = _best_of(
+        3, lambda: cost.fit_exponent(make, [256, 362, 512, 724, 1024, 1448], repeats=5), 2.0, 0.6
+    )
+    assert abs(fit.slope - 2.0) <= 0.6, str(fit)
+
+
+def test_linear_time_grows_like_n() -> None:
+    def make(n: int) -> Callable[[], object]:
+        q, k, v = (torch.randn(1, 1, n, 32) for _ in range(3))
+        return lambda: attnkit.linear_attention(q, k, v, feature_map="elu")
+
+    fit = _best_of(
+        3, lambda: cost.fit_exponent(make, [2048, 2896, 4096, 5793, 8192], repeats=5), 1.0, 0.5
+    )
+    assert abs(fit.slope - 1.0) <= 0.5, str(fit)
+
+
+@torch.no_grad()
+def _cache_bytes(
+    n_kv_heads: int, lengths: list[int], h: int = 8, d: int = 64, b: int = 2
+) -> list[int]:
+    """Decode token by token through MultiHeadAttention; KVCache.nbytes at each length."""
+    mha = attnkit.MultiHeadAttention(d_model=d, n_heads=h, n_kv_heads=n_kv_heads, is_causal=True)
+    cache = mha.new_cache(batch=b)
+    out = []
+    for _ in range(max(lengths)):
+        mha(torch.randn(b, 1, d), cache=cache)
+        if cache.seq_len in lengths:
+            out.append(cache.nbytes)
+    return out
+
+
+def test_decode_cache_bytes_grow_like_n_and_mqa_is_one_over_h() -> None:
+    h, d, b = 8, 64, 2
+    lengths = [8, 16, 32, 64]
+    mha, mqa = _cache_bytes(h, lengths), _cache_bytes(1, lengths)
+    for measured in (mha, mqa):
+        fit = cost.fit_loglog(lengths, measured)
+        assert 1.0 in fit and fit.slope == pytest.approx(1.0)
+    slope_mha = (mha[-1] - mha[0]) / (lengths[-1] - lengths[0])
+    slope_mqa = (mqa[-1] - mqa[0]) / (lengths[-1] - lengths[0])
+    assert slope_mqa / slope_mha == pytest.approx(1 / h)
+    # ... and the model's cache tensors hold exactly what KVCache.nbytes reports.
+    for variant, measured in (("mha", mha), ("mqa", mqa)):
+        sizes = cost.get(variant).sizes()
+        held = cost.SYMBOLS["w"] * (sizes["prev_K"] + sizes["prev_V"])
+        values = {"b": b, "h": h, "k": d // h, "v": d // h, "w": 4}
+        assert [cost.evaluate(held, {**values, "n": n}) for n in lengths] == measured
