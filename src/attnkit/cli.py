@@ -73,5 +73,13 @@ def version() -> None:
     typer.echo(f"attnkit {attnkit.__version__} (torch {torch.__version__})")
 
 
+def _register_subcommands() -> None:
+    from attnkit.cost.cli import register as register_cost
+
+    register_cost(app)
+
+
+_register_subcommands()
+
 if __name__ == "__main__":  # pragma: no cover
     app()
