@@ -192,6 +192,14 @@ def sdpa(
         # torch's is_causal is upper-left and refuses attn_mask: pass one combined mask.
         mask = combine_masks(mask, True, dims.L, dims.S, causal_alignment, q.device)
         is_causal = False
+    if dims.H != dims.Hk and mask is None and not is_causal:
+        # GQA/MQA without a mask: the G query heads of a group are independent rows
+        # against the same keys, so fold them into the query length ([B, Hk, G*L, E]).
+        # torch's enable_gqa copies k and v G times on CPU; this streams them once
+        # (decoding: one pass over the cache per step).
+        qf = q.reshape(dims.B, dims.Hk, dims.group_size * dims.L, dims.E)
+        o = F.scaled_dot_product_attention(qf, k, v, dropout_p=dropout_p, scale=scale)
+        return o.view(dims.B, dims.H, dims.L, dims.Ev)
     return F.scaled_dot_product_attention(
         q,
         k,
