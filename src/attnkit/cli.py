@@ -74,9 +74,11 @@ def version() -> None:
 
 
 def _register_subcommands() -> None:
+    from attnkit.bench.cli import register as register_bench
     from attnkit.cost.cli import register as register_cost
 
     register_cost(app)
+    register_bench(app)
 
 
 _register_subcommands()
