@@ -49,3 +49,19 @@ def test_version_and_module_entry_point() -> None:
         [sys.executable, "-m", "attnkit.cli", "version"], capture_output=True, text=True, check=True
     )
     assert "attnkit" in proc.stdout
+
+
+def test_train_command_forwards_to_the_trainer(tmp_path) -> None:
+    result = runner.invoke(
+        app, ["train", "--steps", "2", "--batch-size", "8", "--out", str(tmp_path), "--quiet"]
+    )
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "checkpoint.pt").exists() and (tmp_path / "log.json").exists()
+    result = runner.invoke(app, ["train", "--steps", "-1"])
+    assert result.exit_code == 2
+
+
+def test_cost_and_bench_commands_are_mounted() -> None:
+    for command in ("cost", "bench"):
+        result = runner.invoke(app, [command, "--help"])
+        assert result.exit_code == 0, result.output

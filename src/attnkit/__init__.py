@@ -5,7 +5,7 @@ Public layout everywhere (PyTorch's SDPA layout)::
     q [B, H, L, E], k [B, Hk, S, E], v [B, Hk, S, Ev]
 """
 
-from attnkit import decoding, feature_maps
+from attnkit import data, decoding, distributed, feature_maps
 from attnkit.layers import (
     Block,
     KVCache,
@@ -36,7 +36,9 @@ __all__ = [
     "TinyLMConfig",
     "__version__",
     "argmax_attention",
+    "data",
     "decoding",
+    "distributed",
     "feature_maps",
     "kernel_attention",
     "linear_attention",

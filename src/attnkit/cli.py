@@ -73,6 +73,20 @@ def version() -> None:
     typer.echo(f"attnkit {attnkit.__version__} (torch {torch.__version__})")
 
 
+@app.command(
+    context_settings={
+        "allow_extra_args": True,
+        "ignore_unknown_options": True,
+        "help_option_names": [],
+    }
+)
+def train(ctx: typer.Context) -> None:
+    """Train a TinyLM on MQAR, on one process or under torchrun (see: attnkit train --help)."""
+    from attnkit.train import main
+
+    raise typer.Exit(code=main(list(ctx.args), prog="attnkit train"))
+
+
 def _register_subcommands() -> None:
     from attnkit.bench.cli import register as register_bench
     from attnkit.cost.cli import register as register_cost

@@ -24,10 +24,8 @@ Shape legend::
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -36,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnkit._io import atomic_write
 from attnkit._validation import check_choice, check_float, check_rank, check_tensor
 from attnkit.layers.attention import BACKENDS, MultiHeadAttention
 from attnkit.layers.cache import KVCache, LinearState
@@ -590,7 +589,6 @@ class TinyLM(nn.Module):
         ``backend_options["sim"]``), since :meth:`load` reads with ``weights_only=True``.
         """
         target = os.path.abspath(os.fspath(path))
-        directory, name = os.path.split(target)
         config = asdict(self.config)
         _check_plain("config", config)
         payload = {
@@ -598,17 +596,7 @@ class TinyLM(nn.Module):
             "config": config,
             "state_dict": self.state_dict(),
         }
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(payload, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        atomic_write(target, lambda f: torch.save(payload, f))
 
     @staticmethod
     def _read_checkpoint(
