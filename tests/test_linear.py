@@ -15,8 +15,10 @@ from hypothesis import strategies as st
 from attnkit import feature_maps
 from attnkit.ops.kernel import kernel_attention
 from attnkit.ops.linear import (
-    DEFAULT_CHUNK_SIZE,
+    MAX_AUTO_CHUNK,
+    MIN_AUTO_CHUNK,
     LinearAttentionState,
+    auto_chunk_size,
     linear_attention,
     linear_attention_step,
 )
@@ -242,9 +244,14 @@ def test_unnormalised_step_loop_equals_chunked() -> None:
 
 
 def test_auto_chunk_size_rule() -> None:
-    assert DEFAULT_CHUNK_SIZE == 64
+    # C* = 2 D' (M+1) / (D' + M + 1), nearest power of two, clamped to [32, 128], <= L.
+    assert auto_chunk_size(4096, 64, 64) == 64  # elu at D = M = 64: C* = 64.5
+    assert auto_chunk_size(4096, 153, 64) == 128  # Taylor at D = 16: C* = 91.2
+    assert auto_chunk_size(4096, 4, 3) == MIN_AUTO_CHUNK  # C* = 4 -> clamped up
+    assert auto_chunk_size(4096, 4096, 4096) == MAX_AUTO_CHUNK
+    assert auto_chunk_size(10, 64, 64) == 10 and auto_chunk_size(0, 64, 64) == 1
     q, k, v = make_qkv(1, 1, 1, 150, 150, 4, 3, dtype=F64)
-    o, _ = linear_attention(q, k, v, is_causal=True)  # C = 64, 150 = 2 * 64 + 22
+    o, _ = linear_attention(q, k, v, is_causal=True)  # C = 32, 150 = 4 * 32 + 22
     torch.testing.assert_close(o, kernel_attention(q, k, v, sim="linear", is_causal=True))
 
 

@@ -62,9 +62,9 @@ FAST_TRANSFORMERS = "fast-transformers causal_product"
 # --------------------------------------------------------------------------------------
 
 
-def _chunk_size() -> int:
-    """The chunk length attnkit's causal path uses by default (for the FLOP count)."""
-    return int(getattr(linear_ops, "DEFAULT_CHUNK_SIZE", 64))
+def _chunk_size(N: int, d_feature: int, d_value: int) -> int:
+    """The chunk length attnkit's causal path picks by default (for the FLOP count)."""
+    return linear_ops.auto_chunk_size(N, d_feature, d_value)
 
 
 def _elu1(x: Tensor) -> Tensor:
@@ -265,7 +265,8 @@ def _from_layout(label: str, x: Tensor) -> Tensor:
 def linear_causal_fwd(ctx: BenchContext) -> CaseResult:
     """attnkit (fast and reference) vs fla's naive chunk reference, elu + 1 inside each call."""
     p = ctx.profile
-    B, H, D, N, C = 1, p.heads, p.dim, p.fwd_n, _chunk_size()
+    B, H, D, N = 1, p.heads, p.dim, p.fwd_n
+    C = _chunk_size(N, D, D)
     res = CaseResult(
         "linear-causal-fwd",
         "Causal elu linear attention, forward",
@@ -347,7 +348,8 @@ def _leaves(label: str, *xs: Tensor) -> list[Tensor]:
 def linear_causal_train(ctx: BenchContext) -> CaseResult:
     """Forward + backward vs autograd through fla's naive chunk; saved-for-backward bytes vs N."""
     p = ctx.profile
-    B, H, D, N, C = 1, p.heads, p.dim, p.train_n, _chunk_size()
+    B, H, D, N = 1, p.heads, p.dim, p.train_n
+    C = _chunk_size(N, D, D)
     res = CaseResult(
         "linear-causal-train",
         "Causal elu linear attention, forward + backward",
@@ -466,9 +468,10 @@ def _causal_sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 def taylor_vs_sdpa(ctx: BenchContext) -> CaseResult:
     """Taylor-map linear attention (D=16 -> D'=153, d_v=64) vs causal SDPA, sweeping N."""
     p = ctx.profile
-    B, H, E, M, C = 1, p.heads, p.taylor_dim, p.taylor_dv, _chunk_size()
+    B, H, E, M = 1, p.heads, p.taylor_dim, p.taylor_dv
     taylor = feature_maps.get("taylor")
     Dp = taylor.out_dim(E)
+    C = _chunk_size(max(p.taylor_ns), Dp, M)  # at the longest N (shorter N may cap it)
     res = CaseResult(
         "taylor-vs-sdpa",
         "Taylor causal linear attention vs softmax SDPA",
@@ -507,7 +510,13 @@ def taylor_vs_sdpa(ctx: BenchContext) -> CaseResult:
             if err is None and FLA_BASED in fns:
                 err = _max_abs_diff(fns[FLA_BASED](), fns[ATTNKIT]())
             t = ctx.compare(fns)
-        _row(sec, ATTNKIT, t, {"N": N}, flops=fl.causal_linear_flops(N, Dp, M, C, heads=B * H))
+        _row(
+            sec,
+            ATTNKIT,
+            t,
+            {"N": N},
+            flops=fl.causal_linear_flops(N, Dp, M, _chunk_size(N, Dp, M), heads=B * H),
+        )
         quad = fl.sdpa_flops(N, E, M, causal=True, heads=B * H)
         _row(sec, SDPA, t, {"N": N}, flops=quad)
         if FLA_BASED in fns:
@@ -552,7 +561,8 @@ def taylor_vs_sdpa(ctx: BenchContext) -> CaseResult:
 def performer(ctx: BenchContext) -> CaseResult:
     """attnkit's favor map (m random features) vs performer-pytorch FastAttention, causal."""
     p = ctx.profile
-    B, H, D, N, m, C = 1, p.heads, p.dim, p.performer_n, p.performer_features, _chunk_size()
+    B, H, D, N, m = 1, p.heads, p.dim, p.performer_n, p.performer_features
+    C = _chunk_size(N, m, D)
     res = CaseResult(
         "performer",
         "FAVOR+ causal linear attention vs performer-pytorch",
@@ -744,7 +754,8 @@ def sdpa_overhead(ctx: BenchContext) -> CaseResult:
 def fast_transformers(ctx: BenchContext) -> CaseResult:
     """The EPFL causal-product kernel (with elu + 1 and normalisation) vs attnkit, forward."""
     p = ctx.profile
-    B, H, D, N, C = 1, p.heads, p.dim, p.fwd_n, _chunk_size()
+    B, H, D, N = 1, p.heads, p.dim, p.fwd_n
+    C = _chunk_size(N, D, D)
     res = CaseResult(
         "fast-transformers",
         "pytorch-fast-transformers causal_product vs attnkit",
