@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import attnkit
 from attnkit import feature_maps
 from attnkit.ops.kernel import LogSimilarity, get_similarity, kernel_attention, similarities
+from helpers import make_qkv, shape_id
 
 F64 = torch.float64
 DTYPES = [torch.float32, torch.float64]
@@ -23,15 +24,6 @@ DTYPE_IDS = ["f32", "f64"]
 
 def tol(dtype: torch.dtype) -> dict[str, float]:
     return {"rtol": 1e-9, "atol": 1e-10} if dtype == F64 else {"rtol": 2e-5, "atol": 2e-6}
-
-
-def make_qkv(B, H, Hk, L, S, E, Ev, dtype=torch.float32, positive=False):
-    q = torch.randn(B, H, L, E, dtype=dtype)
-    k = torch.randn(B, Hk, S, E, dtype=dtype)
-    v = torch.randn(B, Hk, S, Ev, dtype=dtype)
-    if positive:  # keeps q.k > 0, so non-positive kernels have positive denominators
-        q, k = q.abs() + 0.05, k.abs() + 0.05
-    return q, k, v
 
 
 def grads(fn, q, k, v, cot):
@@ -58,11 +50,6 @@ SHAPES = [
     (1, 3, 1, 7, 37, 6, 6),
     (2, 2, 2, 37, 9, 8, 3),
 ]
-
-
-def shape_id(s) -> str:
-    B, H, Hk, L, S, E, Ev = s
-    return f"B{B}-H{H}-Hk{Hk}-L{L}-S{S}-E{E}-Ev{Ev}"
 
 
 SHAPE_IDS = [shape_id(s) for s in SHAPES]

@@ -22,6 +22,7 @@ from attnkit.ops.linear import (
     linear_attention,
     linear_attention_step,
 )
+from helpers import make_qkv, shape_id
 
 F64 = torch.float64
 DTYPES = [torch.float32, torch.float64]
@@ -40,15 +41,6 @@ def make_map(name: str, E: int) -> feature_maps.FeatureMap:
     if name == "polynomial":
         return feature_maps.get("polynomial", degree=2, c=1.0)
     return feature_maps.get(name)
-
-
-def make_qkv(B, H, Hk, L, S, E, Ev, dtype=torch.float32, positive=False):
-    q = torch.randn(B, H, L, E, dtype=dtype)
-    k = torch.randn(B, Hk, S, E, dtype=dtype)
-    v = torch.randn(B, Hk, S, Ev, dtype=dtype)
-    if positive:  # q.k > 0: non-positive maps (identity, relu, polynomial) keep den > 0
-        q, k = q.abs() + 0.05, k.abs() + 0.05
-    return q, k, v
 
 
 def inputs_for(phi, shape, dtype):
@@ -97,11 +89,6 @@ SHAPES = [
     (1, 3, 1, 37, 20, 12, 6),
     (2, 2, 2, 16, 7, 4, 3),
 ]
-
-
-def shape_id(s) -> str:
-    B, H, Hk, L, S, E, Ev = s
-    return f"B{B}-H{H}-Hk{Hk}-L{L}-S{S}-E{E}-Ev{Ev}"
 
 
 SHAPE_IDS = [shape_id(s) for s in SHAPES]
