@@ -79,7 +79,7 @@ def _print_table(console: Console, as_markdown: bool) -> None:
 
     derived = rows()
     if as_markdown:
-        console.print(markdown(derived), markup=False, highlight=False)
+        typer.echo(markdown(derived))  # raw: a rich console would wrap long rows
         return
     table = Table(
         title="Complexity derived from attnkit's own contractions (attnkit cost --table)",
