@@ -90,7 +90,9 @@ def train(ctx: typer.Context) -> None:
 def _register_subcommands() -> None:
     from attnkit.bench.cli import register as register_bench
     from attnkit.cost.cli import register as register_cost
+    from attnkit.lab.cli import register as register_lab
 
+    register_lab(app)
     register_cost(app)
     register_bench(app)
 

@@ -1,0 +1,550 @@
+r"""Experiment ``complexity``: time and memory against sequence length N.
+
+Series (batch 1, H heads, key width D, value width M, float32, forward pass):
+
+- softmax attention through torch's fused SDPA kernel, non-causal and causal;
+- the quadratic kernel reference, equation (4) with sim = (q.k + 1)^2
+  (:func:`attnkit.kernel_attention`), non-causal;
+- linearized attention, equation (6) (:func:`attnkit.linear_attention`), non-causal
+  and causal (chunked), with every registered feature map.
+
+Theory (DESIGN.md): softmax costs O(N^2 (D + M)) time; the plain math holds the
+N x N scores (memory O(N^2)), a fused kernel tiles them (O(N)); linear attention costs
+O(N D' M) time and O(N D') memory. So, as N grows, linear attention overtakes softmax
+at a crossover N* that grows with the feature width D'.
+
+What is compared with what:
+
+- growth exponents: the log-log slope of the measured medians over the largest N,
+  next to the slope of the cost model's exact FLOPs (``attnkit.cost.flops``) or held
+  bytes (``attnkit.cost.memory``) over the same N, with the feature width D' of each map;
+- crossover: the N where the measured linear and softmax curves cross (interpolated in
+  log-log; extrapolated from the fitted power laws when outside the range), next to
+  the N where the cost model's FLOPs cross.
+
+Peak memory is the peak of the call's own allocations (the profiler's records
+replayed in time order, :func:`attnkit.lab.measure.peak_allocated`), inputs excluded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import sympy
+import torch
+
+from attnkit import feature_maps
+from attnkit._timing import time_call
+from attnkit.cost import evaluate, fit_loglog, flops, memory
+from attnkit.lab import plotting
+from attnkit.lab.core import EXPERIMENTS, Context, Experiment, ExperimentResult, Table
+from attnkit.lab.measure import peak_allocated
+from attnkit.ops import kernel_attention, linear_attention, sdpa
+
+__all__ = ["SETTINGS", "ComplexitySettings", "run"]
+
+SEED = 99
+
+
+@dataclass(frozen=True)
+class ComplexitySettings:
+    lengths: tuple[int, ...]  # N for every series
+    linear_lengths: tuple[int, ...]  # extra, larger N for linear attention only
+    quadratic_lengths: tuple[int, ...]  # extra, larger N for softmax and the kernel reference
+    heads: int  # H
+    key_width: int  # D (queries and keys)
+    value_width: int  # M
+    kernel_max: int  # largest N for the O(N^2)-memory kernel reference
+    repeats: int
+    min_time: float  # seconds per timing point at least
+    fit_from_quadratic: int  # softmax / kernel exponents are fitted over N >= this
+    fit_from_linear: int  # linear-attention exponents are fitted over N >= this
+
+
+SETTINGS: dict[str, ComplexitySettings] = {
+    "test": ComplexitySettings(
+        lengths=(32, 64, 128), linear_lengths=(256,), quadratic_lengths=(256,), heads=2,
+        key_width=8, value_width=8, kernel_max=256, repeats=1, min_time=0.0,
+        fit_from_quadratic=64, fit_from_linear=64,
+    ),
+    # Fit windows: softmax and the kernel reference from N = 2048 (between 1024 and 2048
+    # their N x N blocks leave the caches and the local slope jumps far above 2 on a
+    # 2-core EPYC; beyond, they grow like N^2 again, so they also run at 8192); linear
+    # attention over the wide range 256..4096, which averages over the bumps where its
+    # buffers cross cache and allocator (fresh pages for large blocks) thresholds.
+    "quick": ComplexitySettings(
+        lengths=(64, 128, 256, 512, 1024, 2048, 4096), linear_lengths=(),
+        quadratic_lengths=(8192,), heads=4, key_width=16, value_width=64, kernel_max=8192,
+        repeats=3, min_time=0.1, fit_from_quadratic=2048, fit_from_linear=256,
+    ),
+    "full": ComplexitySettings(
+        lengths=(64, 128, 256, 512, 1024, 2048, 4096, 8192), linear_lengths=(16384, 32768),
+        quadratic_lengths=(16384,), heads=4, key_width=16, value_width=64, kernel_max=8192,
+        repeats=7, min_time=0.5, fit_from_quadratic=2048, fit_from_linear=256,
+    ),
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _Series:
+    label: str  # legend text
+    family: str  # "softmax", "kernel", "linear"
+    causal: bool
+    feature_map: str | None  # linear only
+    cost_variant: str  # attnkit.cost variant whose exponent is the prediction
+
+    @property
+    def key(self) -> str:
+        return f"{self.label} ({'causal' if self.causal else 'non-causal'})"
+
+
+def _series() -> list[_Series]:
+    out = [
+        _Series("softmax (SDPA)", "softmax", False, None, "softmax"),
+        _Series("softmax (SDPA)", "softmax", True, None, "softmax"),
+        _Series("kernel (q.k+1)^2", "kernel", False, None, "kernel"),
+    ]
+    for name in feature_maps.available():
+        out.append(_Series(name, "linear", False, name, "linear"))
+        out.append(_Series(name, "linear", True, name, "linear_chunked"))
+    return out
+
+
+def _call(
+    series: _Series, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi: Any
+) -> Callable[[], object]:
+    if series.family == "softmax":
+        return lambda: sdpa(q, k, v, is_causal=series.causal)
+    if series.family == "kernel":
+        return lambda: kernel_attention(q, k, v, sim="polynomial", eps=1e-6)
+    return lambda: linear_attention(q, k, v, feature_map=phi, is_causal=series.causal)
+
+
+def _lengths(series: _Series, s: ComplexitySettings) -> tuple[int, ...]:
+    if series.family == "kernel":
+        return tuple(n for n in s.lengths + s.quadratic_lengths if n <= s.kernel_max)
+    if series.family == "linear":
+        return s.lengths + s.linear_lengths
+    return s.lengths + s.quadratic_lengths
+
+
+def _sizes(s: ComplexitySettings, n: int, dp: int) -> dict[str, int]:
+    return {
+        "B": 1,
+        "H": s.heads,
+        "Hk": s.heads,
+        "L": n,
+        "S": n,
+        "E": s.key_width,
+        "Ev": s.value_width,
+        "Dp": dp,
+        "C": 64,
+        "w": 4,
+    }
+
+
+def _model(series: _Series, s: ComplexitySettings, dp: int) -> tuple[sympy.Expr, sympy.Expr]:
+    """The cost model's FLOPs and held bytes for this series (symbolic)."""
+    f = flops(series.cost_variant, "forward")
+    if series.family == "softmax":
+        # The fused kernel never holds the N x N scores: the cost model's softmax with the
+        # recomputable scores/weights dropped (flash-style); FLOPs are the plain math's.
+        m = memory("softmax", "train", activations="recompute")
+    else:
+        m = memory(series.cost_variant, "forward")
+    return f, m
+
+
+def run(ctx: Context) -> ExperimentResult:
+    s = SETTINGS[ctx.profile]
+    result = ExperimentResult(
+        name="complexity",
+        title="Time and memory against sequence length: softmax, kernel, linear",
+        profile=ctx.profile,
+        seed=SEED,
+        summary=(
+            f"Forward pass, float32, batch 1, H = {s.heads} heads, key width D = "
+            f"{s.key_width}, value width M = {s.value_width}, N = {list(s.lengths)} "
+            f"(softmax and the kernel reference also at {list(s.quadratic_lengths)}, linear "
+            f"attention also at {list(s.linear_lengths)}); time is the fastest of "
+            f">= {s.repeats} calls (the least disturbed by other work on the machine; the "
+            f"medians are in results.json), memory the peak of the call's own allocations. "
+            f"Feature maps: {', '.join(feature_maps.available())}."
+        ),
+    )
+    series = _series()
+    gen = torch.Generator().manual_seed(SEED)
+    todo = sum(len(_lengths(sr, s)) for sr in series)
+    advance = ctx.task("complexity: time and memory vs N", todo)
+    data: dict[str, dict[str, Any]] = {}
+    for sr in series:
+        phi = feature_maps.get(sr.feature_map) if sr.feature_map else None
+        dp = phi.out_dim(s.key_width) if phi is not None else 0
+        f_model, m_model = _model(sr, s, dp)
+        points = []
+        for n in _lengths(sr, s):
+            q = torch.randn(1, s.heads, n, s.key_width, generator=gen) / s.key_width**0.25
+            k = torch.randn(1, s.heads, n, s.key_width, generator=gen) / s.key_width**0.25
+            v = torch.randn(1, s.heads, n, s.value_width, generator=gen)
+            call = _call(sr, q, k, v, phi)
+            with torch.no_grad():
+                timing = time_call(call, repeats=s.repeats, warmup=1, min_time=s.min_time)
+                peak = peak_allocated(call)
+            sz = _sizes(s, n, dp)
+            points.append(
+                {
+                    "N": n,
+                    "seconds": timing.median,
+                    "seconds_min": timing.low,
+                    "calls": timing.repeats,
+                    "peak_bytes": peak,
+                    "flops_model": evaluate(f_model, sz),
+                    "bytes_held_model": evaluate(m_model, sz),
+                }
+            )
+            advance(1)
+        data[sr.key] = {
+            "label": sr.label,
+            "family": sr.family,
+            "causal": sr.causal,
+            "feature_map": sr.feature_map,
+            "feature_width": dp or None,
+            "cost_variant": sr.cost_variant,
+            "points": points,
+        }
+    _fits(data, s)
+    _crossovers(data, s)
+    result.numbers.update({"settings": s.__dict__, "series": data})
+    _claims(result, data, s)
+    _figures(ctx, result, data, s)
+    result.tables.append(_table(data))
+    return result
+
+
+def _table(data: dict[str, dict[str, Any]]) -> Table:
+    rows = []
+    for key, d in data.items():
+        fit, cross = d.get("fit"), d.get("crossover")
+        last = d["points"][-1]
+        rows.append(
+            (
+                key,
+                "" if not d["feature_width"] else str(d["feature_width"]),
+                "" if fit is None else f"{fit['time_slope']:.2f} ({fit['time_slope_model']:.2f})",
+                ""
+                if fit is None or fit["memory_slope"] is None
+                else f"{fit['memory_slope']:.2f} ({fit['memory_slope_model']:.2f})",
+                f"{last['seconds_min'] * 1e3:.2f} ms at N = {last['N']}",
+                ""
+                if cross is None
+                else f"{'<= ' if cross['how'] == 'below range' else ''}{_fmt_n(cross['N'])}"
+                f" ({cross['N_flops_model']:,.0f})",
+            )
+        )
+    return Table(
+        title="Fitted exponents and crossovers (cost model in parentheses)",
+        columns=(
+            "series",
+            "D'",
+            "time exponent",
+            "memory exponent",
+            "largest N timed",
+            "crossover N* vs softmax",
+        ),
+        rows=tuple(rows),
+    )
+
+
+def _fits(data: dict[str, dict[str, Any]], s: ComplexitySettings) -> None:
+    for d in data.values():
+        start = s.fit_from_linear if d["family"] == "linear" else s.fit_from_quadratic
+        pts = [p for p in d["points"] if p["N"] >= start]
+        if len(pts) < 3:
+            d["fit"] = None
+            continue
+        ns = [float(p["N"]) for p in pts]
+        t = fit_loglog(ns, [p["seconds_min"] for p in pts])
+        tm = fit_loglog(ns, [float(p["flops_model"]) for p in pts])
+        mem_ok = all(p["peak_bytes"] > 0 for p in pts)
+        m = fit_loglog(ns, [float(p["peak_bytes"]) for p in pts]) if mem_ok else None
+        mm = fit_loglog(ns, [float(p["bytes_held_model"]) for p in pts])
+        d["fit"] = {
+            "N": ns,
+            "time_slope": t.slope,
+            "time_ci": [t.low, t.high],
+            "time_slope_model": tm.slope,
+            "memory_slope": None if m is None else m.slope,
+            "memory_slope_model": mm.slope,
+        }
+
+
+def _cross(ns: list[float], a: list[float], b: list[float]) -> tuple[float | None, str]:
+    """Where b (linear) drops below a (softmax), interpolated in log-log.
+
+    Returns (N*, how): "measured" inside the range, "extrapolated" from power laws fitted
+    to the last three points, or (None, reason).
+    """
+    diff = [math.log(y) - math.log(x) for x, y in zip(a, b, strict=True)]  # log(b / a)
+    if diff[0] < 0:
+        return ns[0], "below range"
+    for i in range(1, len(ns)):
+        if diff[i] < 0 <= diff[i - 1]:
+            x0, x1 = math.log(ns[i - 1]), math.log(ns[i])
+            t = diff[i - 1] / (diff[i - 1] - diff[i])
+            return math.exp(x0 + t * (x1 - x0)), "measured"
+    if len(ns) < 3:
+        return None, "not reached"
+    fa = fit_loglog(ns[-3:], a[-3:])
+    fb = fit_loglog(ns[-3:], b[-3:])
+    if fa.slope <= fb.slope:
+        return None, "not reached, and no faster growth of softmax to extrapolate"
+    return math.exp((fb.intercept - fa.intercept) / (fa.slope - fb.slope)), "extrapolated"
+
+
+def _model_cross(soft: sympy.Expr, lin: sympy.Expr, s: ComplexitySettings, dp: int) -> float:
+    """The N where the cost model's FLOPs of linear and softmax are equal (bisection)."""
+
+    def gap(n: float) -> float:
+        sz = _sizes(s, max(64, round(n / 64) * 64), dp)
+        return math.log(evaluate(lin, sz)) - math.log(evaluate(soft, sz))
+
+    lo, hi = 64.0, 64.0 * 2**20
+    if gap(lo) < 0:
+        return lo
+    for _ in range(60):
+        mid = math.sqrt(lo * hi)
+        if gap(mid) < 0:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def _crossovers(data: dict[str, dict[str, Any]], s: ComplexitySettings) -> None:
+    soft_flops = flops("softmax", "forward")
+    for causal in (False, True):
+        soft = data[f"softmax (SDPA) ({'causal' if causal else 'non-causal'})"]
+        for d in data.values():
+            if d["family"] != "linear" or d["causal"] != causal:
+                continue
+            soft_at = {p["N"]: p["seconds_min"] for p in soft["points"]}
+            common = [p for p in d["points"] if p["N"] in soft_at]  # the N both were timed at
+            ns = [float(p["N"]) for p in common]
+            n_star, how = _cross(
+                ns, [soft_at[p["N"]] for p in common], [p["seconds_min"] for p in common]
+            )
+            lin_flops = flops(d["cost_variant"], "forward")
+            if causal:  # causal softmax does about half the work
+                model = _model_cross(soft_flops / 2, lin_flops, s, d["feature_width"])
+            else:
+                model = _model_cross(soft_flops, lin_flops, s, d["feature_width"])
+            d["crossover"] = {"N": n_star, "how": how, "N_flops_model": model}
+
+
+def _window(s: ComplexitySettings) -> str:
+    return f"N >= {s.fit_from_quadratic} (softmax, kernel) and N >= {s.fit_from_linear} (linear)"
+
+
+def _slope_text(slope: float | None) -> str:
+    return "n/a" if slope is None else f"{slope:.2f}"
+
+
+def _fmt_n(n: float | None) -> str:
+    return "none" if n is None else f"{n:,.0f}"
+
+
+def _claims(
+    result: ExperimentResult, data: dict[str, dict[str, Any]], s: ComplexitySettings
+) -> None:
+    fitted = {k: d for k, d in data.items() if d.get("fit")}
+    if not fitted:
+        return
+    # The question is which class the growth belongs to, O(N) or O(N^2): a slope passes
+    # when it is nearer its model's exponent than the other class's (memory hierarchy
+    # and allocation effects bend real curves; the cost model counts neither).
+    tol = 0.5
+
+    def slope_claim(name: str, text: str, keys: list[str]) -> None:
+        devs = {
+            k: fitted[k]["fit"]["time_slope"] - fitted[k]["fit"]["time_slope_model"] for k in keys
+        }
+        result.claim(
+            name,
+            text,
+            theory=", ".join(f"{k}: {fitted[k]['fit']['time_slope_model']:.2f}" for k in keys)
+            + " (log-log slope of the cost model's FLOPs over the same N)",
+            measured=", ".join(f"{k}: {fitted[k]['fit']['time_slope']:.2f}" for k in keys),
+            passed=all(abs(x) < tol for x in devs.values()),
+            tolerance=f"|measured - model| < {tol} (nearer O(N^2) than O(N) or vice versa) "
+            f"for each, fitted over {_window(s)}",
+            value=max(abs(x) for x in devs.values()),
+        )
+
+    quad = [k for k, d in fitted.items() if d["family"] in ("softmax", "kernel")]
+    slope_claim(
+        "quadratic_time",
+        "Softmax and the kernel reference take time O(N^2)",
+        quad,
+    )
+    lin = [k for k, d in fitted.items() if d["family"] == "linear"]
+    slope_claim("linear_time", "Linear attention takes time O(N) for every feature map", lin)
+
+    def mem_dev(k: str) -> float:
+        f = fitted[k]["fit"]
+        ms = f["memory_slope"]
+        return math.inf if ms is None else ms - f["memory_slope_model"]
+
+    mem_keys = [k for k in fitted]
+    devs = {k: mem_dev(k) for k in mem_keys}
+    result.claim(
+        "memory",
+        "Memory: O(N^2) for the kernel reference (it holds the N x N similarities), O(N) "
+        "for fused softmax (tiled) and for linear attention (O(N D'))",
+        theory=", ".join(f"{k}: {fitted[k]['fit']['memory_slope_model']:.2f}" for k in mem_keys)
+        + " (slope of the cost model's held bytes)",
+        measured=", ".join(
+            f"{k}: {_slope_text(fitted[k]['fit']['memory_slope'])}" for k in mem_keys
+        ),
+        passed=all(abs(x) < tol for x in devs.values()),
+        tolerance=f"|measured - model| < {tol} (nearer O(N^2) than O(N) or vice versa) for "
+        f"each, fitted over {_window(s)}",
+        value=max(abs(x) for x in devs.values()),
+    )
+    # Crossovers: linear overtakes softmax as N grows.
+    cross = {k: d["crossover"] for k, d in data.items() if "crossover" in d}
+    result.numbers["crossovers"] = cross
+
+    def agrees(c: dict[str, Any]) -> bool:
+        if c["N"] is None:
+            return False
+        if c["how"] == "below range":  # measured N* <= the smallest N: an upper bound
+            return bool(c["N_flops_model"] <= 4 * c["N"])
+        return bool(c["N_flops_model"] / 4 <= c["N"] <= 4 * c["N_flops_model"])
+
+    result.claim(
+        "crossover",
+        "Linear attention overtakes softmax beyond a crossover length N*, near where the "
+        "cost model's FLOPs cross (for every feature map, causal and not)",
+        theory="N* where the FLOPs are equal: "
+        + ", ".join(f"{k}: {c['N_flops_model']:,.0f}" for k, c in cross.items()),
+        measured=", ".join(
+            f"{k}: {'<= ' if c['how'] == 'below range' else ''}{_fmt_n(c['N'])}"
+            + (" (extrapolated)" if c["how"] == "extrapolated" else "")
+            for k, c in cross.items()
+        ),
+        passed=all(agrees(c) for c in cross.values()),
+        tolerance="a crossover exists (measured, or extrapolated from the fitted growth) and "
+        "lies within a factor of 4 of the FLOP model's (CPU kernels differ in FLOP/s)",
+    )
+
+
+def _figures(
+    ctx: Context, result: ExperimentResult, data: dict[str, dict[str, Any]], s: ComplexitySettings
+) -> None:
+    ns = [float(n) for n in sorted(set(s.lengths + s.linear_lengths + s.quadratic_lengths))]
+    for causal in (False, True):
+        tag = "causal" if causal else "non-causal"
+        fig, (ax_t, ax_m) = plotting.new_figure(2, width=6.2, height=5.0)
+        for i, d in enumerate(data.values()):
+            if d["causal"] != causal and d["family"] != "kernel":
+                continue
+            if d["family"] == "kernel" and causal:
+                continue
+            col = plotting.color(d["label"], i)
+            style = "s-" if d["family"] != "linear" else "o-"
+            lw = 2.2 if d["family"] != "linear" else 1.3
+            xs = [float(p["N"]) for p in d["points"]]
+            dp = f", D'={d['feature_width']}" if d["feature_width"] else ""
+            fit = d.get("fit")
+            slope = (
+                f"; slope {fit['time_slope']:.2f} (model {fit['time_slope_model']:.2f})"
+                if fit
+                else ""
+            )
+            ax_t.plot(
+                xs,
+                [p["seconds_min"] * 1e3 for p in d["points"]],
+                style,
+                color=col,
+                lw=lw,
+                ms=4,
+                label=f"{d['label']}{dp}{slope}",
+            )
+            mslope = (
+                f"; slope {fit['memory_slope']:.2f} (model {fit['memory_slope_model']:.2f})"
+                if fit and fit["memory_slope"] is not None
+                else ""
+            )
+            ax_m.plot(
+                xs,
+                [p["peak_bytes"] / 2**20 for p in d["points"]],
+                style,
+                color=col,
+                lw=lw,
+                ms=4,
+                label=f"{d['label']}{dp}{mslope}",
+            )
+        # Reference slopes (the theory curves): N and N^2 through the softmax point at the
+        # smallest N.
+        soft = data[f"softmax (SDPA) ({tag})"]["points"]
+        t_ref = soft[0]["seconds_min"] * 1e3
+        ns_soft = [float(p["N"]) for p in soft]
+        ax_t.plot(
+            ns_soft, [t_ref * (n / ns[0]) ** 2 for n in ns_soft], "k--", lw=1, label="theory: ∝ N^2"
+        )
+        ax_t.plot(ns, [t_ref * (n / ns[0]) for n in ns], "k:", lw=1, label="theory: ∝ N")
+        m_ref = max(p["peak_bytes"] for p in soft[:1]) / 2**20 or 1.0
+        ax_m.plot(
+            ns_soft, [m_ref * (n / ns[0]) ** 2 for n in ns_soft], "k--", lw=1, label="theory: ∝ N^2"
+        )
+        ax_m.plot(ns, [m_ref * (n / ns[0]) for n in ns], "k:", lw=1, label="theory: ∝ N")
+        for ax in (ax_t, ax_m):
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            plotting.geometric_ticks(ax, ns)
+            ax.set_xlabel("sequence length N (tokens)")
+            plotting.legend(ax, loc="upper left", fontsize="x-small")
+        plotting.plain_log_labels(ax_t)
+        ax_t.set_ylabel("forward time, fastest of the repeats (ms; log scale)")
+        ax_m.set_ylabel("peak memory allocated by the call (MiB; log scale)")
+        ax_t.set_title(f"Time, {tag} (B=1, H={s.heads}, D={s.key_width}, M={s.value_width})")
+        ax_m.set_title(f"Peak memory, {tag}")
+        cross = [
+            f"{d['label']} {'<= ' if d['crossover']['how'] == 'below range' else ''}"
+            f"{_fmt_n(d['crossover']['N'])}"
+            + (" (extrapolated)" if d["crossover"]["how"] == "extrapolated" else "")
+            + f" [FLOP model {d['crossover']['N_flops_model']:,.0f}]"
+            for d in data.values()
+            if d["family"] == "linear" and d["causal"] == causal and "crossover" in d
+        ]
+        soft_fit = data[f"softmax (SDPA) ({tag})"].get("fit")
+        soft_text = (
+            f"softmax's time slope is {soft_fit['time_slope']:.2f} (model "
+            f"{soft_fit['time_slope_model']:.2f})"
+            if soft_fit
+            else "too few sizes for slopes"
+        )
+        result.figures.append(
+            plotting.save(
+                fig,
+                ctx,
+                f"complexity_{tag.replace('-', '')}",
+                f"Time and peak memory against N, {tag}",
+                f"Theory: softmax takes O(N^2 (D + M)) time (dashed N^2 guide), linear "
+                f"attention O(N D' M) (dotted N guide); the plain quadratic math holds "
+                f"O(N^2) memory, the fused SDPA kernel and linear attention O(N). "
+                f"Measured: {soft_text}; the legend gives every series' fitted slope over "
+                f"{_window(s)} next to the cost model's. Crossover N* where "
+                f"linear becomes faster than softmax: " + "; ".join(cross) + ".",
+            )
+        )
+
+
+EXPERIMENTS.register("complexity")(
+    Experiment(
+        "complexity", "Time and memory against sequence length: softmax, kernel, linear", run
+    )
+)

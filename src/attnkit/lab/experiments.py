@@ -1,0 +1,11 @@
+"""Imports every experiment module, which registers it; :data:`ORDER` is the report order."""
+
+from __future__ import annotations
+
+from attnkit.lab import argmax, complexity, decode, recall, scaling
+
+__all__ = ["ORDER", "argmax", "complexity", "decode", "recall", "scaling"]
+
+#: The order ``attnkit report`` runs and shows the experiments in: the theory first,
+#: then decoding and complexity measurements, then the training experiment.
+ORDER: tuple[str, ...] = ("scaling", "argmax", "decode", "complexity", "recall")
