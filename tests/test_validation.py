@@ -108,3 +108,15 @@ def test_format_seconds() -> None:
     assert format_seconds(1.5e-5) == "15.0 µs"
     assert format_seconds(0.0123) == "12.30 ms"
     assert format_seconds(2.0) == "2.00 s"
+
+
+def test_check_int() -> None:
+    from attnkit._validation import check_int
+
+    assert check_int("n", 3, 1) == 3
+    with pytest.raises(TypeError, match="n must be an int, got bool"):
+        check_int("n", True, 1)
+    with pytest.raises(TypeError, match="n must be an int, got float"):
+        check_int("n", 2.0, 1)
+    with pytest.raises(ValueError, match="n must be >= 1, got 0"):
+        check_int("n", 0, 1)

@@ -28,6 +28,15 @@ def check_tensor(name: str, x: object) -> Tensor:
     return x
 
 
+def check_int(name: str, value: object, minimum: int) -> int:
+    """Return ``value`` if it is an int (not a bool) >= ``minimum``, else raise naming it."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
 def check_float(name: str, x: Tensor) -> None:
     """Raise TypeError unless ``x`` has a floating dtype attnkit supports."""
     if x.dtype not in FLOAT_DTYPES:

@@ -38,6 +38,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from attnkit._validation import check_int
+
 __all__ = [
     "IGNORE_INDEX",
     "MQARBatch",
@@ -58,14 +60,6 @@ class MQARBatch(NamedTuple):
     labels: Tensor
 
 
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
 def _check_power(power_a: object) -> float:
     if isinstance(power_a, bool) or not isinstance(power_a, (int, float)):
         raise TypeError(f"power_a must be a real number, got {type(power_a).__name__}")
@@ -79,7 +73,7 @@ def power_law_gap_probs(space: int, power_a: float = 0.01) -> Tensor:
 
     ``power_a`` = 1 is uniform; a -> 0 approaches 1 / (g + 1), which favours short gaps.
     """
-    _check_int("space", space, 1)
+    check_int("space", space, 1)
     a = _check_power(power_a)
     p = torch.arange(1, space + 1, dtype=torch.float64) ** (a - 1.0)
     return p / p.sum()
@@ -96,9 +90,9 @@ class MQARConfig:
     random_non_queries: bool = False  # fill non-query positions with random tokens (not 0)
 
     def __post_init__(self) -> None:
-        V = _check_int("vocab_size", self.vocab_size, 4)
-        L = _check_int("seq_len", self.seq_len, 4)
-        N = _check_int("num_kv_pairs", self.num_kv_pairs, 1)
+        V = check_int("vocab_size", self.vocab_size, 4)
+        L = check_int("seq_len", self.seq_len, 4)
+        N = check_int("num_kv_pairs", self.num_kv_pairs, 1)
         _check_power(self.power_a)
         if not isinstance(self.random_non_queries, bool):
             raise TypeError(
@@ -130,7 +124,7 @@ class MQARConfig:
         device: torch.device | str | None = None,
     ) -> MQARBatch:
         """``num_examples`` sequences of this task (see :func:`mqar`)."""
-        _check_int("num_examples", num_examples, 0)
+        check_int("num_examples", num_examples, 0)
         V, L, N = self.vocab_size, self.seq_len, self.num_kv_pairs
         gen_device = generator.device if generator is not None else torch.device("cpu")
         n = num_examples

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from attnkit import feature_maps
 from attnkit._registry import Registry
-from attnkit._validation import check_choice, check_float, check_rank, check_tensor
+from attnkit._validation import check_choice, check_float, check_int, check_rank, check_tensor
 from attnkit.feature_maps import FeatureMap
 from attnkit.layers.cache import KVCache, LinearState
 from attnkit.ops.argmax import argmax_attention
@@ -351,14 +351,6 @@ BACKENDS.register("linear")(
 # --------------------------------------------------------------------------------------
 
 
-def _check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
-
-
 def _check_mask_shape(name: str, mask: Tensor, legend: str, want: tuple[int, ...]) -> None:
     """Each axis of ``mask`` must equal ``want`` or be 1 (broadcast); name the bad axis."""
     for axis, have, size in zip(legend.split(), mask.shape, want, strict=True):
@@ -439,11 +431,9 @@ class MultiHeadAttention(nn.Module):
         backend_options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        d_model = _check_positive_int("d_model", d_model)
-        n_heads = _check_positive_int("n_heads", n_heads)
-        n_kv_heads = (
-            n_heads if n_kv_heads is None else _check_positive_int("n_kv_heads", n_kv_heads)
-        )
+        d_model = check_int("d_model", d_model, 1)
+        n_heads = check_int("n_heads", n_heads, 1)
+        n_kv_heads = n_heads if n_kv_heads is None else check_int("n_kv_heads", n_kv_heads, 1)
         if n_heads % n_kv_heads != 0:
             raise ValueError(
                 f"n_kv_heads must divide n_heads (None = MHA, 1 = MQA, a divisor = GQA): "
@@ -457,8 +447,8 @@ class MultiHeadAttention(nn.Module):
                     "per-head width d_k (and d_v) explicitly"
                 )
             d_k = d_model // n_heads
-        d_k = _check_positive_int("d_k", d_k)
-        d_v = d_k if d_v is None else _check_positive_int("d_v", d_v)
+        d_k = check_int("d_k", d_k, 1)
+        d_v = d_k if d_v is None else check_int("d_v", d_v, 1)
         if not isinstance(is_causal, bool):
             raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):

@@ -20,22 +20,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attnkit._validation import check_float, check_rank, check_tensor
+from attnkit._validation import check_float, check_int, check_rank, check_tensor
 from attnkit.ops.linear import LinearAttentionState
 
 __all__ = ["KVCache", "LinearState"]
 
 
-def _check_size(name: str, value: object, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
 def _check_max_len(max_len: object) -> int | None:
-    return None if max_len is None else _check_size("max_len", max_len, minimum=1)
+    return None if max_len is None else check_int("max_len", max_len, 1)
 
 
 class KVCache:
@@ -83,12 +75,12 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
-        self.batch = _check_size("batch", batch, minimum=1)
-        self.n_kv_heads = _check_size("n_kv_heads", n_kv_heads, minimum=1)
-        self.d_k = _check_size("d_k", d_k, minimum=1)
-        self.d_v = _check_size("d_v", d_v, minimum=1)
+        self.batch = check_int("batch", batch, 1)
+        self.n_kv_heads = check_int("n_kv_heads", n_kv_heads, 1)
+        self.d_k = check_int("d_k", d_k, 1)
+        self.d_v = check_int("d_v", d_v, 1)
         self.max_len = _check_max_len(max_len)
-        capacity = _check_size("capacity", capacity, minimum=1)
+        capacity = check_int("capacity", capacity, 1)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         self._dtype = dtype
@@ -244,7 +236,7 @@ class KVCache:
 
     def crop(self, length: int) -> None:
         """Keep the first ``length`` cached tokens and forget the rest (capacity is kept)."""
-        length = _check_size("length", length, minimum=0)
+        length = check_int("length", length, 0)
         if length > self._len:
             raise ValueError(f"cannot crop to length={length}: only {self._len} tokens are cached")
         self._len = length
@@ -278,10 +270,8 @@ class LinearState:
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        self.batch = None if batch is None else _check_size("batch", batch, minimum=1)
-        self.n_kv_heads = (
-            None if n_kv_heads is None else _check_size("n_kv_heads", n_kv_heads, minimum=1)
-        )
+        self.batch = None if batch is None else check_int("batch", batch, 1)
+        self.n_kv_heads = None if n_kv_heads is None else check_int("n_kv_heads", n_kv_heads, 1)
         self.max_len = _check_max_len(max_len)
         self.dtype = dtype
         self.device = None if device is None else torch.device(device)
@@ -331,7 +321,7 @@ class LinearState:
 
     def advance(self, state: LinearAttentionState | tuple[Tensor, Tensor], length: int) -> None:
         """Replace the state by ``state``, which has folded in ``length`` more tokens."""
-        length = _check_size("length", length, minimum=0)
+        length = check_int("length", length, 0)
         S, z = state
         check_tensor("S", S)
         check_tensor("z", z)

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnkit._io import atomic_write
-from attnkit._validation import check_choice, check_float, check_rank, check_tensor
+from attnkit._validation import check_choice, check_float, check_int, check_rank, check_tensor
 from attnkit.layers.attention import BACKENDS, MultiHeadAttention
 from attnkit.layers.cache import KVCache, LinearState
 
@@ -53,14 +53,6 @@ __all__ = [
 NORMS: tuple[str, ...] = ("post", "pre")
 POSITIONS: tuple[str, ...] = ("learned", "none")
 _CHECKPOINT_FORMAT = "attnkit.TinyLM/1"
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 def _check_dropout(dropout: object) -> float:
@@ -150,7 +142,7 @@ class ShortConv(nn.Module):
 
     def __init__(self, d_model: int, kernel_size: int) -> None:
         super().__init__()
-        self.kernel_size = _check_int("conv_kernel", kernel_size, 1)
+        self.kernel_size = check_int("conv_kernel", kernel_size, 1)
         self.conv = nn.Conv1d(d_model, d_model, kernel_size, groups=d_model)
 
     def forward(self, x: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
@@ -202,10 +194,10 @@ class Block(nn.Module):
         conv_kernel: int | None = None,
     ) -> None:
         super().__init__()
-        self.d_model = _check_int("d_model", d_model, 1)
+        self.d_model = check_int("d_model", d_model, 1)
         self.norm = check_choice("norm", norm, NORMS)
         dropout = _check_dropout(dropout)
-        d_ff = 4 * d_model if d_ff is None else _check_int("d_ff", d_ff, 1)
+        d_ff = 4 * d_model if d_ff is None else check_int("d_ff", d_ff, 1)
         self.conv = None if conv_kernel is None else ShortConv(d_model, conv_kernel)
         self.attn = MultiHeadAttention(
             d_model,
@@ -241,7 +233,7 @@ class Block(nn.Module):
         device: torch.device | str | None = None,
     ) -> BlockCache:
         """An empty cache for ``batch`` sequences (dtype/device default to the weights')."""
-        _check_int("batch", batch, 1)
+        check_int("batch", batch, 1)
         weight = self.ln_attn.weight
         dtype = weight.dtype if dtype is None else dtype
         device = weight.device if device is None else device
@@ -313,11 +305,11 @@ class TinyLMConfig:
 
     def __post_init__(self) -> None:
         for name, minimum in (("vocab", 1), ("d_model", 1), ("n_layers", 0), ("n_heads", 1)):
-            _check_int(name, getattr(self, name), minimum)
-        _check_int("max_len", self.max_len, 1)
+            check_int(name, getattr(self, name), minimum)
+        check_int("max_len", self.max_len, 1)
         for name in ("n_kv_heads", "conv_kernel", "d_ff"):
             if getattr(self, name) is not None:
-                _check_int(name, getattr(self, name), 1)
+                check_int(name, getattr(self, name), 1)
         if not isinstance(self.backend, str):
             raise TypeError(f"backend must be a str, got {type(self.backend).__name__}")
         if self.feature_map is not None and not isinstance(self.feature_map, str):
@@ -469,9 +461,9 @@ class TinyLM(nn.Module):
         ``max_len`` defaults to the model's; a softmax layer's KV cache may preallocate
         for it. dtype/device default to the weights'.
         """
-        _check_int("batch", batch, 1)
+        check_int("batch", batch, 1)
         limit = self.config.max_len
-        max_len = limit if max_len is None else _check_int("max_len", max_len, 1)
+        max_len = limit if max_len is None else check_int("max_len", max_len, 1)
         if max_len > limit:
             raise ValueError(f"new_cache(max_len={max_len}) exceeds the model's max_len={limit}")
         layers = [
@@ -544,13 +536,13 @@ class TinyLM(nn.Module):
         """
         cfg = self.config
         prompt = _check_tokens(prompt, cfg.vocab)
-        _check_int("max_new_tokens", max_new_tokens, 0)
+        check_int("max_new_tokens", max_new_tokens, 0)
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
             raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
         if not (math.isfinite(temperature) and temperature >= 0):
             raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
         if top_k is not None:
-            _check_int("top_k", top_k, 1)
+            check_int("top_k", top_k, 1)
         B, L0 = prompt.shape
         total = L0 + max_new_tokens
         if total > cfg.max_len:
