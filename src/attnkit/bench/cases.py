@@ -51,6 +51,8 @@ __all__ = [
 ATTNKIT = "attnkit"
 ATTNKIT_REF = "attnkit reference"
 FLA_CHUNK = "fla naive chunk"
+#: attnkit's fast path on half inputs (fp32 accumulation inside), forward case only.
+ATTNKIT_HALF = {"attnkit bf16": torch.bfloat16, "attnkit fp16": torch.float16}
 FLA_BASED = "fla Based naive (quadratic)"
 SDPA = "torch SDPA"
 PERFORMER = "performer-pytorch FAVOR+"
@@ -284,6 +286,8 @@ def linear_causal_fwd(ctx: BenchContext) -> CaseResult:
         label: partial(impl, _layout(label, q), _layout(label, k), _layout(label, v))
         for label, impl in impls.items()
     }
+    for label, dtype in ATTNKIT_HALF.items():
+        fns[label] = partial(impls[ATTNKIT], q.to(dtype), k.to(dtype), v.to(dtype))
     baseline = ATTNKIT_REF if isinstance(fla, Missing) else FLA_CHUNK
     sec = res.section(f"forward, N={N}", baseline=baseline)
     with torch.no_grad():
@@ -299,14 +303,17 @@ def linear_causal_fwd(ctx: BenchContext) -> CaseResult:
     fast = sec.find(ATTNKIT)
     frac = fast.frac_matmul(ctx.peaks) if fast is not None else None
     vs_fla = _speedup(sec, ATTNKIT) if FLA_CHUNK in fns else None
+    half = {label: _ratio(t, label, ATTNKIT) for label in ATTNKIT_HALF}
     res.summary = {
         "speedup_vs_fla": vs_fla,
         "speedup_vs_attnkit_reference": _ratio(t, ATTNKIT_REF, ATTNKIT),
         "frac_matmul_peak": frac,
+        **{f"{label} / fp32 time": r for label, r in half.items()},
     }
     res.targets = [
         Target(f"attnkit speed-up over fla naive chunk, N={N}", vs_fla, 3.0, ">=", "x"),
         Target("attnkit fraction of measured matmul peak", frac, 0.40, ">=", "%"),
+        *(Target(f"{label} time / fp32 time", r, 2.0, "<=", "x") for label, r in half.items()),
     ]
     return res
 
