@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -266,14 +266,3 @@ def jsonable(x: Any) -> Any:
     if hasattr(x, "item"):  # numpy / torch scalars
         return jsonable(x.item())
     return str(x)
-
-
-@contextlib.contextmanager
-def timed() -> Iterator[list[float]]:
-    """``with timed() as t: ...`` then ``t[0]`` is the elapsed seconds."""
-    box: list[float] = []
-    t0 = time.perf_counter()
-    try:
-        yield box
-    finally:
-        box.append(time.perf_counter() - t0)
