@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 import attnkit
 from attnkit import feature_maps
 from attnkit.ops.linear import LinearAttentionState, _causal_chunked
-from attnkit.ops.linear_chunked import causal_linear_attention
+from attnkit.ops.linear_chunked import TilePlan, causal_linear_attention, plan_tiles
 
 F64 = torch.float64
 
@@ -88,6 +88,95 @@ def test_fast_equals_reference_forward_state_and_grads(name, shape, normalize) -
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=lambda m, w=what: f"{w}: {m}")
     for what, a, b in zip(("dq", "dk", "dv", "dS0", "dz0"), g_fast, g_ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-8, msg=lambda m, w=what: f"{w}: {m}")
+
+
+def _check_against_reference(fast, ref, inputs) -> None:
+    """Outputs, final states and the gradients of a random weighting of all three."""
+    g = torch.Generator().manual_seed(7)
+    weights = [torch.randn(t.shape, generator=g, dtype=t.dtype) for t in ref]
+    loss_ref = sum((t * w).sum() for t, w in zip(ref, weights, strict=True))
+    loss_fast = sum((t * w).sum() for t, w in zip(fast, weights, strict=True))
+    g_ref = torch.autograd.grad(loss_ref, inputs)
+    g_fast = torch.autograd.grad(loss_fast, inputs)
+    for what, a, b in zip(("o", "S", "z"), fast, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=lambda m, w=what: f"{w}: {m}")
+    for what, a, b in zip(("dq", "dk", "dv", "dS0", "dz0"), g_fast, g_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-8, msg=lambda m, w=what: f"{w}: {m}")
+
+
+#: Tile plans that cut the awkward shapes into many tiles: one chunk per tile and one
+#: head at a time, tiles of a few chunks with head groups that do not divide B * Hk,
+#: and different head groups in the forward and the backward pass.
+PLANS = {
+    "1chunk-1head": lambda C: TilePlan(C, 1, 1),
+    "2chunks-3heads": lambda C: TilePlan(2 * C, 3, 3),
+    "3chunks-fwd2-bwd1": lambda C: TilePlan(3 * C, 2, 1),
+}
+
+
+@pytest.mark.parametrize("name", ["elu", "taylor", "favor", "identity"])
+@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+@pytest.mark.parametrize("plan", list(PLANS))
+@pytest.mark.parametrize("normalize", [True, False], ids=["norm", "raw"])
+def test_tiled_equals_reference(name, shape, plan, normalize) -> None:
+    """Tiles along heads and the sequence carry the state exactly, forward and backward."""
+    B, H, Hk, L, E, M, C = shape
+    phi = _phi(name, E)
+    q, k, v, S0, z0 = _inputs(B, H, Hk, L, E, M, phi.out_dim(E))
+    ref = _reference(q, k, v, phi, S0, z0, C, normalize, 1e-6)
+    fast = causal_linear_attention(q, k, v, phi, S0, z0, C, normalize, 1e-6, plan=PLANS[plan](C))
+    _check_against_reference(fast, ref, (q, k, v, S0, z0))
+
+
+@given(
+    L=st.integers(1, 50),
+    chunk=st.integers(1, 9),
+    chunks_per_tile=st.integers(1, 4),
+    heads=st.tuples(st.integers(1, 5), st.integers(1, 5)),
+    group=st.sampled_from([(1, 1), (2, 1), (3, 3), (4, 2), (6, 3)]),
+    normalize=st.booleans(),
+)
+def test_property_tiled_equals_reference(L, chunk, chunks_per_tile, heads, group, normalize):
+    H, Hk = group
+    phi = feature_maps.get("elu")
+    q, k, v, S0, z0 = _inputs(2, H, Hk, L, 3, 2, 3)
+    plan = TilePlan(chunk * chunks_per_tile, *heads)
+    ref = _reference(q, k, v, phi, S0, z0, chunk, normalize, 1e-6)
+    fast = causal_linear_attention(q, k, v, phi, S0, z0, chunk, normalize, 1e-6, plan=plan)
+    _check_against_reference(fast, ref, (q, k, v, S0, z0))
+
+
+@given(
+    BHk=st.integers(1, 64),
+    G=st.integers(1, 8),
+    L=st.integers(1, 70000),
+    E=st.integers(1, 128),
+    C=st.sampled_from([1, 16, 32, 64, 128]),
+    budget_mib=st.integers(1, 64),
+)
+def test_plan_tiles_fits_the_budget(BHk, G, L, E, C, budget_mib) -> None:
+    Dp, M, itemsize, budget = E, E, 4, budget_mib * 2**20
+    plan = plan_tiles(BHk, G, L, E, Dp, M, C, itemsize, budget)
+    L_pad = -(-L // C) * C
+    assert plan.tokens % C == 0 and C <= plan.tokens <= L_pad
+    assert 1 <= plan.bwd_heads <= plan.fwd_heads <= BHk
+    # Per-token working set, forward and backward (as estimated in the module).
+    Mp = M + 1
+    fwd = G * (E + Dp + Mp + C) + (E + Dp + Mp) + -(-Dp * Mp // C)
+    bwd = 2 * fwd
+    if plan.tokens > C:  # one chunk is the floor, whatever the budget
+        assert plan.tokens * bwd * itemsize <= budget
+    if plan.fwd_heads > 1:
+        assert plan.fwd_heads * plan.tokens * fwd * itemsize <= budget
+    if plan.bwd_heads > 1:
+        assert plan.bwd_heads * plan.tokens * bwd * itemsize <= budget
+    # Tiles are as long as the budget allows: one more chunk would not fit.
+    if plan.tokens < L_pad:
+        assert (plan.tokens + C) * bwd * itemsize > budget
+
+
+def test_plan_tiles_without_a_budget_is_one_tile() -> None:
+    assert plan_tiles(16, 2, 1000, 64, 64, 64, 64, 4, None) == TilePlan(1024, 16, 16)
 
 
 @pytest.mark.parametrize("name", ["elu", "taylor", "polynomial"])
