@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 import attnkit
 from attnkit import feature_maps
 from attnkit.ops.linear import LinearAttentionState, _causal_chunked
-from attnkit.ops.linear_chunked import TilePlan, causal_linear_attention, plan_tiles
+from attnkit.ops.linear_chunked import TilePlan, _scan_, causal_linear_attention, plan_tiles
 
 F64 = torch.float64
 
@@ -173,6 +173,17 @@ def test_plan_tiles_fits_the_budget(BHk, G, L, E, C, budget_mib) -> None:
     # Tiles are as long as the budget allows: one more chunk would not fit.
     if plan.tokens < L_pad:
         assert (plan.tokens + C) * bwd * itemsize > budget
+
+
+@pytest.mark.parametrize("n", [1, 2, 7])
+@pytest.mark.parametrize("reverse", [False, True], ids=["prefix", "suffix"])
+def test_scan_loop_and_cumsum_agree(n, reverse) -> None:
+    """The CPU loop of adds and the cumsum a GPU takes give the same inclusive sums."""
+    x = torch.randn(3, n, 4, 5, dtype=F64)
+    want = x.flip(1).cumsum(1).flip(1) if reverse else x.cumsum(1)
+    for loop in (True, False):
+        got = _scan_(x.clone(), reverse=reverse, loop=loop)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_plan_tiles_without_a_budget_is_one_tile() -> None:

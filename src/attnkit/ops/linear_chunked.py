@@ -55,9 +55,11 @@ from attnkit.feature_maps import FeatureMap
 
 __all__ = ["CPU_TILE_BYTES", "TilePlan", "causal_linear_attention", "plan_tiles"]
 
-#: Working-set budget of one tile on a CPU: a fraction of the last-level cache
-#: (32 MiB on the reference machine), measured best among 4 / 8 / 12 / 16 / 24 MiB
-#: (``benchmarks/tile_budget.py``).
+#: Working-set budget of one tile on a CPU, a fraction of the last-level cache (32 MiB
+#: on the 2-core reference machine). ``python benchmarks/tile_budget.py`` there: 8, 12
+#: and 16 MiB were within noise of each other (0.98-1.05x), 4 MiB 1.11-1.17x slower,
+#: and one untiled call 1.7-2.1x slower (elu forward N=4096, elu forward + backward
+#: N=16384, Taylor-16 forward N=4096; B=1, H=8, M=64, 2 threads).
 CPU_TILE_BYTES = 12 * 2**20
 
 
@@ -163,12 +165,21 @@ def _tril_(scores: Tensor, G: int, C: int) -> Tensor:
     return scores
 
 
-def _scan_(x: Tensor, reverse: bool = False) -> Tensor:
-    """Inclusive prefix (or suffix) sums over dim 1, in place: one ``add_`` per chunk.
+def _scan_(x: Tensor, reverse: bool = False, loop: bool | None = None) -> Tensor:
+    """Inclusive prefix (or suffix) sums over dim 1, in place.
 
-    A loop of in-place adds over [h, ...] slices measured 2x faster than ``cumsum_``
-    along a middle dimension (0.31 vs 0.62 ms for [8, 64, 4160] on 2 cores).
+    On a CPU (``loop`` defaults to True there) one in-place ``add_`` per chunk: it
+    measured 2x faster than ``cumsum_`` along a middle dimension (0.31 vs 0.62 ms for
+    [8, 64, 4160] on 2 cores). Elsewhere one ``cumsum`` (a GPU wants few kernels).
     """
+    if loop is None:
+        loop = x.device.type == "cpu"
+    if not loop:
+        if reverse:
+            x.copy_(x.flip(1).cumsum(1).flip(1))
+        else:
+            x.cumsum_(1)
+        return x
     parts = x.unbind(1)
     if reverse:
         for c in range(len(parts) - 2, -1, -1):
