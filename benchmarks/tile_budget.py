@@ -79,13 +79,16 @@ def main() -> None:
         med = {b: statistics.median(ts) for b, ts in times.items()}
         ref = med.get(default, min(med.values()))
         print(f"\n{name}")
-        print(f"  {'budget':>9} {'tokens':>7} {'heads f/b':>9} {'median':>10} {'vs default':>10}")
+        print(
+            f"  {'budget':>9} {'tokens f/b':>11} {'heads f/b':>9} {'median':>10} {'vs default':>10}"
+        )
         for b in budgets:
             plan = cases[b][1]
             label = "untiled" if b is None else f"{b} MiB"
             heads = f"{plan.fwd_heads}/{plan.bwd_heads}"
+            tokens = f"{plan.fwd_tokens}/{plan.bwd_tokens}"
             print(
-                f"  {label:>9} {plan.tokens:>7} {heads:>9} {med[b] * 1e3:>8.2f} ms "
+                f"  {label:>9} {tokens:>11} {heads:>9} {med[b] * 1e3:>8.2f} ms "
                 f"{med[b] / ref:>9.2f}x"
             )
 

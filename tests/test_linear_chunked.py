@@ -108,9 +108,10 @@ def _check_against_reference(fast, ref, inputs) -> None:
 #: head at a time, tiles of a few chunks with head groups that do not divide B * Hk,
 #: and different head groups in the forward and the backward pass.
 PLANS = {
-    "1chunk-1head": lambda C: TilePlan(C, 1, 1),
-    "2chunks-3heads": lambda C: TilePlan(2 * C, 3, 3),
-    "3chunks-fwd2-bwd1": lambda C: TilePlan(3 * C, 2, 1),
+    "1chunk-1head": lambda C: TilePlan(C, 1, C, 1),
+    "2chunks-3heads": lambda C: TilePlan(2 * C, 3, 2 * C, 3),
+    "fwd3chunks-2heads-bwd2chunks-1head": lambda C: TilePlan(3 * C, 2, 2 * C, 1),
+    "fwd1chunk-bwd3chunks": lambda C: TilePlan(C, 4, 3 * C, 2),
 }
 
 
@@ -131,7 +132,7 @@ def test_tiled_equals_reference(name, shape, plan, normalize) -> None:
 @given(
     L=st.integers(1, 50),
     chunk=st.integers(1, 9),
-    chunks_per_tile=st.integers(1, 4),
+    chunks_per_tile=st.tuples(st.integers(1, 5), st.integers(1, 5)),
     heads=st.tuples(st.integers(1, 5), st.integers(1, 5)),
     group=st.sampled_from([(1, 1), (2, 1), (3, 3), (4, 2), (6, 3)]),
     normalize=st.booleans(),
@@ -140,7 +141,7 @@ def test_property_tiled_equals_reference(L, chunk, chunks_per_tile, heads, group
     H, Hk = group
     phi = feature_maps.get("elu")
     q, k, v, S0, z0 = _inputs(2, H, Hk, L, 3, 2, 3)
-    plan = TilePlan(chunk * chunks_per_tile, *heads)
+    plan = TilePlan(chunk * chunks_per_tile[0], heads[0], chunk * chunks_per_tile[1], heads[1])
     ref = _reference(q, k, v, phi, S0, z0, chunk, normalize, 1e-6)
     fast = causal_linear_attention(q, k, v, phi, S0, z0, chunk, normalize, 1e-6, plan=plan)
     _check_against_reference(fast, ref, (q, k, v, S0, z0))
@@ -158,21 +159,22 @@ def test_plan_tiles_fits_the_budget(BHk, G, L, E, C, budget_mib) -> None:
     Dp, M, itemsize, budget = E, E, 4, budget_mib * 2**20
     plan = plan_tiles(BHk, G, L, E, Dp, M, C, itemsize, budget)
     L_pad = -(-L // C) * C
-    assert plan.tokens % C == 0 and C <= plan.tokens <= L_pad
-    assert 1 <= plan.bwd_heads <= plan.fwd_heads <= BHk
-    # Per-token working set, forward and backward (as estimated in the module).
+    # Per-token working set of the forward and the backward (as estimated in the module).
     Mp = M + 1
     fwd = G * (E + Dp + Mp + C) + (E + Dp + Mp) + -(-Dp * Mp // C)
-    bwd = 2 * fwd
-    if plan.tokens > C:  # one chunk is the floor, whatever the budget
-        assert plan.tokens * bwd * itemsize <= budget
-    if plan.fwd_heads > 1:
-        assert plan.fwd_heads * plan.tokens * fwd * itemsize <= budget
-    if plan.bwd_heads > 1:
-        assert plan.bwd_heads * plan.tokens * bwd * itemsize <= budget
-    # Tiles are as long as the budget allows: one more chunk would not fit.
-    if plan.tokens < L_pad:
-        assert (plan.tokens + C) * bwd * itemsize > budget
+    for tokens, heads, per_token in (
+        (plan.fwd_tokens, plan.fwd_heads, fwd),
+        (plan.bwd_tokens, plan.bwd_heads, 2 * fwd),
+    ):
+        assert tokens % C == 0 and C <= tokens <= L_pad
+        assert 1 <= heads <= BHk
+        if tokens > C:  # one chunk is the floor, whatever the budget
+            assert tokens * per_token * itemsize <= budget
+        if heads > 1:
+            assert heads * tokens * per_token * itemsize <= budget
+        if tokens < L_pad:  # as long as the budget allows: one more chunk would not fit
+            assert (tokens + C) * per_token * itemsize > budget
+    assert plan.bwd_tokens <= plan.fwd_tokens
 
 
 @pytest.mark.parametrize("n", [1, 2, 7])
@@ -187,7 +189,7 @@ def test_scan_loop_and_cumsum_agree(n, reverse) -> None:
 
 
 def test_plan_tiles_without_a_budget_is_one_tile() -> None:
-    assert plan_tiles(16, 2, 1000, 64, 64, 64, 64, 4, None) == TilePlan(1024, 16, 16)
+    assert plan_tiles(16, 2, 1000, 64, 64, 64, 64, 4, None) == TilePlan(1024, 16, 1024, 16)
 
 
 @pytest.mark.parametrize("name", ["elu", "taylor", "polynomial"])

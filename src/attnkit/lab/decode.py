@@ -244,15 +244,22 @@ def _claims(
         passed=times[0] > times[1] > times[2],
         tolerance="strict ordering of the medians",
     )
-    want = last["MHA"]["bytes_model"] / last["MQA"]["bytes_model"]
+    # The same t0 + bytes / BW model as above: the fixed per-step overhead t0 damps
+    # the speed-up below the bytes ratio, which it only reaches as n grows.
+    asymptote = last["MHA"]["bytes_model"] / last["MQA"]["bytes_model"]
+    want = last["MHA"]["seconds_predicted"] / last["MQA"]["seconds_predicted"]
     got = last["MHA"]["seconds"] / last["MQA"]["seconds"]
     result.claim(
         "mqa_speedup",
-        "MQA's speed-up over MHA follows the ratio of bytes moved",
-        theory=f"bytes(MHA) / bytes(MQA) = {want:.2f} at n = {n_max}",
+        "MQA's speed-up over MHA follows the bytes each step moves (plus the fixed overhead)",
+        theory=(
+            f"(t0 + bytes(MHA) / BW) / (t0 + bytes(MQA) / BW) = {want:.2f} at n = {n_max}, "
+            f"with the fitted t0 and BW above; bytes(MHA) / bytes(MQA) = {asymptote:.2f} is "
+            "its limit for long caches"
+        ),
         measured=f"t(MHA) / t(MQA) = {got:.2f}",
         passed=want / 2 <= got <= want * 2,
-        tolerance="within a factor of 2",
+        tolerance="within a factor of 2 of the model's ratio",
         value=got,
     )
     ok = all(x["measured"] == x["formula"] for x in kv.values())

@@ -17,10 +17,12 @@ Four ideas make it fast and lean on a CPU (all plain torch, so it runs on a GPU 
    one-chunk shift of the flattened batch (``bmm(q[1:], prefix[:-1])``), so no
    exclusive-prefix copy is ever made; the first chunk of each head is then
    overwritten with its product against the incoming state.
-3. **Cache-sized tiles.** On a CPU the work is cut into tiles of ``heads`` key/value
-   heads by ``tokens`` tokens whose working set (inputs, features, scores, outputs)
-   fits in about :data:`CPU_TILE_BYTES`; the state is carried from tile to tile
-   along the sequence. Memory traffic to DRAM, not arithmetic, is what made the
+3. **Cache-sized tiles.** On a CPU the work is cut into tiles of a few key/value
+   heads by a few thousand tokens whose working set (inputs, features, scores,
+   outputs) fits in about :data:`CPU_TILE_BYTES`; the state is carried from tile to
+   tile along the sequence. The backward pass holds twice as much per token, so its
+   tiles are shorter; the forward saves the state at each backward tile boundary
+   (it has every chunk's prefix at hand). Memory traffic to DRAM, not arithmetic, is what made the
    untiled version slow: every fresh 8 MB temporary cost about 1 ms of page and
    cache misses on the 2-core reference machine. On a GPU the whole problem is one
    tile (big kernels are what a GPU wants). See :func:`plan_tiles`.
@@ -67,13 +69,15 @@ CPU_TILE_BYTES = 12 * 2**20
 class TilePlan:
     """How the fast path cuts [B Hk, N] into tiles (see :func:`plan_tiles`).
 
-    ``tokens`` is a multiple of the chunk length (the last tile along the sequence
-    may be shorter); ``fwd_heads`` / ``bwd_heads`` key/value heads are processed
-    together in the forward / backward pass (the backward holds more per token).
+    The forward pass takes ``fwd_heads`` key/value heads by ``fwd_tokens`` tokens at a
+    time, the backward ``bwd_heads`` by ``bwd_tokens``. Token counts are multiples of
+    the chunk length (the last tile along the sequence may be shorter); the forward
+    saves the state before every backward tile.
     """
 
-    tokens: int
+    fwd_tokens: int
     fwd_heads: int
+    bwd_tokens: int
     bwd_heads: int
 
 
@@ -99,21 +103,22 @@ def plan_tiles(
 ) -> TilePlan:
     """Tile sizes for ``BHk`` key/value heads (``G`` query heads each) of length ``L``.
 
-    With ``budget=None`` (a GPU) the whole problem is one tile. Otherwise the tile
-    length is the largest multiple of C whose *backward* working set for one head
-    fits the budget (at least one chunk), and as many heads as fit are grouped,
-    separately for the forward and the backward pass. The states saved at the
-    tile boundaries along the sequence take (L / tokens) D' (M + 1) floats per head:
-    with tokens >= C that is at most (D' (M + 1) / C) floats per token.
+    With ``budget=None`` (a GPU) the whole problem is one tile. Otherwise, for each
+    pass, the tile length is the largest multiple of C whose working set for one
+    head fits the budget (at least one chunk), and as many heads as fit are grouped.
+    The states saved at the backward tile boundaries take (L / bwd_tokens) D' (M + 1)
+    floats per head: with bwd_tokens >= C at most D' (M + 1) / C floats per token.
     """
     L_pad = -(-L // C) * C
     if budget is None:
-        return TilePlan(L_pad, BHk, BHk)
-    fwd, bwd = _token_floats(G, E, d_feature, M, C)
-    tokens = max(C, min(L_pad, budget // (bwd * itemsize) // C * C))
-    fwd_heads = max(1, min(BHk, budget // (fwd * itemsize * tokens)))
-    bwd_heads = max(1, min(BHk, budget // (bwd * itemsize * tokens)))
-    return TilePlan(tokens, fwd_heads, bwd_heads)
+        return TilePlan(L_pad, BHk, L_pad, BHk)
+    per_token = _token_floats(G, E, d_feature, M, C)
+    tokens = [max(C, min(L_pad, budget // (f * itemsize) // C * C)) for f in per_token]
+    heads = [
+        max(1, min(BHk, budget // (f * itemsize * t)))
+        for f, t in zip(per_token, tokens, strict=True)
+    ]
+    return TilePlan(tokens[0], heads[0], tokens[1], heads[1])
 
 
 # --------------------------------------------------------------------------------------
@@ -201,7 +206,8 @@ def _tile_forward(
     """Unnormalised causal linear attention of one tile on augmented values.
 
     qc [h n, G C, D'], kc [h n, C, D'], vc [h n, C, M'], S [h, D', M'] the state
-    before the tile. Returns o' [h n, G C, M'] and the state after the tile (a view).
+    before the tile. Returns o' [h n, G C, M'] and the states after each chunk
+    [h, n, D', M'] (the last one is the state after the tile).
     """
     h, Dp, Mp = S.shape
     hn, GC, _ = qc.shape
@@ -216,7 +222,7 @@ def _tile_forward(
     o.view(h, n, GC, Mp)[:, 0] = torch.bmm(qc.view(h, n, GC, Dp)[:, 0], S)
     A = _tril_(torch.bmm(qc, kc.transpose(1, 2)), G, C)  # [h n, G C, C]
     o.baddbmm_(A, vc)  # + intra-chunk
-    return o, incl[:, -1]
+    return o, incl
 
 
 def _tile_backward(
@@ -288,24 +294,28 @@ class _CausalLinearAttention(torch.autograd.Function):
         # Detached views for the tile work (phi is a module: hooks such as
         # FlopCounterMode's module tracker must not see inputs that require grad).
         qd, kd, vd, S0d = q.detach(), k.detach(), v.detach(), S0.detach()
-        segments = _ranges(L, plan.tokens)
         out = q.new_empty((BHk, G, L, M), dtype=acc)
         den = q.new_empty((BHk, G, L, 1), dtype=acc)
-        starts = S0d.new_empty((len(segments), *S0.shape))  # state before each segment
+        # the state before each backward tile along the sequence
+        starts = S0d.new_empty((len(_ranges(L, plan.bwd_tokens)), *S0.shape))
         final = torch.empty_like(S0d)
         for h0, h1 in _ranges(BHk, plan.fwd_heads):
             h = h1 - h0
             S = S0d[h0:h1]
-            for s, (t0, t1) in enumerate(segments):
+            for t0, t1 in _ranges(L, plan.fwd_tokens):
                 T = t1 - t0
                 n = -(-T // C)
-                starts[s, h0:h1] = S
                 qc = phi(_chunk_rows(qd[h0:h1, :, t0:t1], n, C, acc))
                 kc = phi(_chunk_rows(kd[h0:h1, None, t0:t1], n, C, acc))
                 if T < n * C:  # padded keys must add nothing (phi(0) != 0 for elu + 1);
                     kc.view(h, n * C, -1)[:, T:] = 0.0  # kc is fresh (phi of a padded copy)
                 vc = _augmented_rows(vd[h0:h1, t0:t1], n, C, acc)
-                o, S = _tile_forward(qc, kc, vc, S, G, C)
+                o, states = _tile_forward(qc, kc, vc, S, G, C)
+                first = -(-t0 // plan.bwd_tokens) * plan.bwd_tokens
+                for b in range(first, t1, plan.bwd_tokens):  # backward tiles starting here
+                    j = (b - t0) // C - 1  # the chunk that ends at b (-1: the tile's start)
+                    starts[b // plan.bwd_tokens, h0:h1] = S if j < 0 else states[:, j]
+                S = states[:, -1]
                 o = _unchunk_rows(o, h, G, C, T)
                 den[h0:h1, :, t0:t1] = o[..., M:]
                 if normalize:
@@ -332,7 +342,7 @@ class _CausalLinearAttention(torch.autograd.Function):
         acc = starts.dtype
         BHk, G, L, _ = q.shape
         M = v.shape[-1]
-        segments = _ranges(L, plan.tokens)
+        segments = _ranges(L, plan.bwd_tokens)
         dq = torch.empty_like(q) if need_q else None
         dk = torch.empty_like(k) if need_k else None
         dv = torch.empty_like(v) if need_v else None
