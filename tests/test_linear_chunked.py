@@ -177,7 +177,7 @@ def test_plan_tiles_fits_the_budget(BHk, G, L, E, C, budget_mib) -> None:
     assert plan.bwd_tokens <= plan.fwd_tokens
 
 
-@pytest.mark.parametrize("n", [1, 2, 7])
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 7, 9, 16, 17, 23, 64, 65])
 @pytest.mark.parametrize("reverse", [False, True], ids=["prefix", "suffix"])
 def test_scan_loop_and_cumsum_agree(n, reverse) -> None:
     """The CPU loop of adds and the cumsum a GPU takes give the same inclusive sums."""

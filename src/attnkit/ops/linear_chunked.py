@@ -44,6 +44,7 @@ the tiles in reverse order.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -171,11 +172,16 @@ def _tril_(scores: Tensor, G: int, C: int) -> Tensor:
 
 
 def _scan_(x: Tensor, reverse: bool = False, loop: bool | None = None) -> Tensor:
-    """Inclusive prefix (or suffix) sums over dim 1, in place.
+    """Inclusive prefix (or, with ``reverse``, suffix) sums over dim 1, in place.
 
-    On a CPU (``loop`` defaults to True there) one in-place ``add_`` per chunk: it
-    measured 2x faster than ``cumsum_`` along a middle dimension (0.31 vs 0.62 ms for
-    [8, 64, 4160] on 2 cores). Elsewhere one ``cumsum`` (a GPU wants few kernels).
+    On a CPU (``loop`` defaults to True there) a blocked scan of in-place adds: the n
+    chunks are cut into blocks of b ~ sqrt(n); each block is scanned (b - 1 adds over
+    all blocks at once), then the block totals (n / b - 1 adds), then the earlier
+    blocks' totals are added to each block (one broadcast add): about 2 sqrt(n) ops
+    instead of n - 1. A loop of single-chunk adds measured 2x faster than ``cumsum_``
+    along a middle dimension (0.31 vs 0.62 ms for [8, 64, 4160] on 2 cores), and at
+    ~1-2 µs per op the blocked form saves most of what is left. Elsewhere one
+    ``cumsum`` (a GPU wants few kernels).
     """
     if loop is None:
         loop = x.device.type == "cpu"
@@ -185,14 +191,36 @@ def _scan_(x: Tensor, reverse: bool = False, loop: bool | None = None) -> Tensor
         else:
             x.cumsum_(1)
         return x
-    parts = x.unbind(1)
+    n = x.shape[1]
+    b = max(1, math.isqrt(n))
+    nb = n // b
+    n0 = nb * b  # chunks in whole blocks: the first n0 (prefix) or the last n0 (suffix)
+    if b > 1 and nb > 1:
+        whole = x[:, n - n0 :] if reverse else x[:, :n0]
+        blocks = whole.view(x.shape[0], nb, b, *x.shape[2:])
+        _loop_(blocks, 2, reverse)  # within each block
+        _loop_(blocks.select(2, 0 if reverse else b - 1), 1, reverse)  # block totals
+        if reverse:
+            blocks[:, :-1, 1:] += blocks[:, 1:, :1]
+        else:
+            blocks[:, 1:, :-1] += blocks[:, :-1, -1:]
+    else:
+        n0 = 1
+    # the chunks outside whole blocks, one at a time (with the block next to them)
+    if n0 < n:
+        _loop_(x[:, : n - n0 + 1] if reverse else x[:, n0 - 1 :], 1, reverse)
+    return x
+
+
+def _loop_(x: Tensor, dim: int, reverse: bool) -> None:
+    """Inclusive prefix (suffix) sums over ``dim`` in place, one add per index."""
+    parts = x.unbind(dim)
     if reverse:
         for c in range(len(parts) - 2, -1, -1):
             parts[c].add_(parts[c + 1])
     else:
         for c in range(1, len(parts)):
             parts[c].add_(parts[c - 1])
-    return x
 
 
 # --------------------------------------------------------------------------------------
