@@ -707,6 +707,14 @@ def decode(ctx: BenchContext) -> CaseResult:
 # --------------------------------------------------------------------------------------
 
 
+BARE_WRAPPER = "Python wrapper, no checks"
+
+
+def _bare_sdpa_wrapper(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
+    """A wrapper that checks nothing: the overhead floor of a Python-level API."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
 @register_case("sdpa-overhead", "attnkit.sdpa vs torch SDPA: wrapper overhead")
 def sdpa_overhead(ctx: BenchContext) -> CaseResult:
     """attnkit.sdpa against calling torch's scaled_dot_product_attention directly."""
@@ -723,14 +731,20 @@ def sdpa_overhead(ctx: BenchContext) -> CaseResult:
         fns: dict[str, Callable[[], Tensor]] = {
             label: partial(attnkit.sdpa, q, k, v, is_causal=causal),
             SDPA: partial(F.scaled_dot_product_attention, q, k, v, is_causal=causal),
+            BARE_WRAPPER: partial(_bare_sdpa_wrapper, q, k, v, causal),
         }
         with torch.no_grad():
             t = ctx.compare(fns, repeats=max(p.sdpa_repeats, ctx.repeats or 0))
         params: dict[str, Metric] = {"B": B, "H": H, "N": N, "E": E, "causal": str(causal)}
         work = fl.sdpa_flops(N, E, E, causal=causal, heads=B * H)
-        _row(sec, label, t, params, flops=work)
-        _row(sec, SDPA, t, params, flops=work)
+        for name in fns:
+            _row(sec, name, t, params, flops=work)
     sec.compare()
+    res.notes.append(
+        f"'{BARE_WRAPPER}' is a Python function that only calls torch's SDPA: the floor "
+        "of any Python-level wrapper. What attnkit.sdpa costs above it is its argument "
+        "checks (shapes, dtypes, devices, masks; errors that name the argument)."
+    )
     ratios = [r.time_ratio for r in sec.rows if r.label == label and r.time_ratio is not None]
     res.summary = {"worst_time_ratio": max(ratios) if ratios else None}
     res.targets = [
