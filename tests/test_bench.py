@@ -253,3 +253,28 @@ def test_peaks_are_the_better_of_two_measurements() -> None:
     assert report.peaks is not None
     assert s["matmul_gflops"] == max(s["matmul_gflops_start"], s["matmul_gflops_end"])  # type: ignore[type-var]
     assert report.peaks.copy_bytes_per_s / 1e9 == s["copy_gbps"]
+
+
+def test_fraction_of_peak_targets_use_the_final_peaks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After the peaks are re-measured, targets and summaries agree with the tables."""
+    from attnkit.bench import runner
+    from attnkit.bench.results import MachinePeaks
+
+    remeasure = runner._remeasure_peaks
+
+    def remeasure_higher(ctx, report) -> None:  # type: ignore[no-untyped-def]
+        remeasure(ctx, report)  # then pretend the end measurement was much better
+        p = ctx.peaks
+        ctx.peaks = MachinePeaks(p.matmul_flops_per_s * 2, p.copy_bytes_per_s * 2)
+
+    monkeypatch.setattr(runner, "_remeasure_peaks", remeasure_higher)
+    report = run_bench(["decode"], profile="smoke", console=_quiet(), show_progress=False)
+    decode = report.case("decode")
+    assert decode is not None and report.peaks is not None
+    layer = decode.sections[0]
+    mqa = layer.find("MQA (Hk=1)")
+    assert mqa is not None
+    want = mqa.frac_copy(report.peaks)  # what the rendered table shows
+    target = next(t for t in decode.targets if "fraction of measured copy bandwidth" in t.name)
+    assert want is not None and target.value == want
+    assert decode.summary["mqa_frac_copy_bandwidth"] == want

@@ -11,6 +11,7 @@ JSON all show the same numbers.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -222,6 +223,12 @@ class CaseResult:
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0  # wall time of the case, set by the runner
     error: str | None = None  # set by the runner when the case raised
+    #: Recomputes the summary entries and targets that are fractions of peak; the
+    #: runner calls it again once the final (re-measured) peaks are known, so they
+    #: agree with the tables, which are rendered against the final peaks.
+    refresh: Callable[[MachinePeaks | None], None] | None = field(
+        default=None, repr=False, compare=False
+    )
 
     def section(self, title: str, **kwargs: Any) -> Section:
         """Append and return a new :class:`Section`."""
