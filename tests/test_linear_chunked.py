@@ -152,11 +152,12 @@ def test_property_tiled_equals_reference(L, chunk, chunks_per_tile, heads, group
     G=st.integers(1, 8),
     L=st.integers(1, 70000),
     E=st.integers(1, 128),
+    Dp=st.integers(1, 2048),
     C=st.sampled_from([1, 16, 32, 64, 128]),
     budget_mib=st.integers(1, 64),
 )
-def test_plan_tiles_fits_the_budget(BHk, G, L, E, C, budget_mib) -> None:
-    Dp, M, itemsize, budget = E, E, 4, budget_mib * 2**20
+def test_plan_tiles_fits_the_budget(BHk, G, L, E, Dp, C, budget_mib) -> None:
+    M, itemsize, budget = E, 4, budget_mib * 2**20
     plan = plan_tiles(BHk, G, L, E, Dp, M, C, itemsize, budget)
     L_pad = -(-L // C) * C
     # Per-token working set of the forward and the backward (as estimated in the module).
@@ -168,13 +169,22 @@ def test_plan_tiles_fits_the_budget(BHk, G, L, E, C, budget_mib) -> None:
     ):
         assert tokens % C == 0 and C <= tokens <= L_pad
         assert 1 <= heads <= BHk
-        if tokens > C:  # one chunk is the floor, whatever the budget
-            assert tokens * per_token * itemsize <= budget
         if heads > 1:
             assert heads * tokens * per_token * itemsize <= budget
-        if tokens < L_pad:  # as long as the budget allows: one more chunk would not fit
-            assert (tokens + C) * per_token * itemsize > budget
-    assert plan.bwd_tokens <= plan.fwd_tokens
+    # Forward tiles: as long as the budget allows (one more chunk would not fit).
+    if plan.fwd_tokens > C:  # one chunk is the floor, whatever the budget
+        assert plan.fwd_tokens * fwd * itemsize <= budget
+    if plan.fwd_tokens < L_pad:
+        assert (plan.fwd_tokens + C) * fwd * itemsize > budget
+    # Backward tiles: the same, except that they are never so short that the states
+    # saved at their boundaries (D' (M + 1) floats each) outweigh q, k, v (E + M per token).
+    floor = -(-Dp * Mp // (E + M) // C) * C
+    assert plan.bwd_tokens >= min(L_pad, floor)
+    if plan.bwd_tokens > max(C, floor):
+        assert plan.bwd_tokens * 2 * fwd * itemsize <= budget
+    if max(C, floor) <= plan.bwd_tokens < L_pad:
+        fits = (plan.bwd_tokens + C) * 2 * fwd * itemsize <= budget
+        assert not fits
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 7, 9, 16, 17, 23, 64, 65])
@@ -300,6 +310,24 @@ def test_backward_keeps_n_times_d_plus_m_not_n_times_d_prime() -> None:
     assert fast_slope == 4 * (2 * E + M + (M + 1))
     # The reference keeps phi(q), phi(k) (2 D' floats per token) and more.
     assert ref_slope > 4 * 2 * phi.out_dim(E)
+
+
+def test_tile_boundary_states_never_outweigh_q_k_v() -> None:
+    """With the smallest tiles a budget can force, saved states add <= (E + M) floats/token."""
+    phi = feature_maps.get("taylor")  # D = 8 -> D' = 45 >> E + M = 12
+    E, M, C = 8, 4, 4
+    slope = {}
+    for N in (400, 800):
+        q, k, v, S0, z0 = _inputs(1, 1, 1, N, E, M, phi.out_dim(E), dtype=torch.float32)
+        plan = plan_tiles(1, 1, N, E, phi.out_dim(E), M, C, 4, budget=1)  # 1 byte: the floor
+        assert plan.bwd_tokens < N  # many backward tiles, so many saved states
+        args = (q, k, v, phi, S0, z0, C, True, 1e-6)
+        slope[N] = _saved_bytes(
+            lambda args=args, plan=plan: causal_linear_attention(*args, plan=plan)
+        )
+    per_token = (slope[800] - slope[400]) / 400
+    qkv_out = 4 * (2 * E + M + (M + 1))
+    assert qkv_out < per_token <= qkv_out + 4 * (E + M)
 
 
 def test_public_causal_path_uses_the_fast_function_unless_asked() -> None:

@@ -59,10 +59,10 @@ from attnkit.feature_maps import FeatureMap
 __all__ = ["CPU_TILE_BYTES", "TilePlan", "causal_linear_attention", "plan_tiles"]
 
 #: Working-set budget of one tile on a CPU, a fraction of the last-level cache (32 MiB
-#: on the 2-core reference machine). ``python benchmarks/tile_budget.py`` there: 8, 12
-#: and 16 MiB were within noise of each other (0.98-1.05x), 4 MiB 1.11-1.17x slower,
-#: and one untiled call 1.7-2.1x slower (elu forward N=4096, elu forward + backward
-#: N=16384, Taylor-16 forward N=4096; B=1, H=8, M=64, 2 threads).
+#: on the 2-core reference machine). ``python benchmarks/tile_budget.py`` there, two
+#: runs: 8, 12 and 16 MiB were within noise of each other (0.94-1.05x), 4 MiB was
+#: 1.10-1.18x slower and one untiled call 1.7-2.2x slower (elu forward N=4096, elu
+#: forward + backward N=16384, Taylor-16 forward N=4096; B=1, H=8, M=64, 2 threads).
 CPU_TILE_BYTES = 12 * 2**20
 
 
@@ -107,14 +107,20 @@ def plan_tiles(
     With ``budget=None`` (a GPU) the whole problem is one tile. Otherwise, for each
     pass, the tile length is the largest multiple of C whose working set for one
     head fits the budget (at least one chunk), and as many heads as fit are grouped.
-    The states saved at the backward tile boundaries take (L / bwd_tokens) D' (M + 1)
-    floats per head: with bwd_tokens >= C at most D' (M + 1) / C floats per token.
+
+    The states saved at the backward tile boundaries take D' (M + 1) floats per head
+    per ``bwd_tokens`` tokens; backward tiles are therefore at least D' (M + 1) / (E + M)
+    tokens long (rounded up to chunks), so those states never outweigh the q, k, v
+    rows saved beside them and training memory stays O(N (E + M) + D' M) per head,
+    whatever the budget.
     """
     L_pad = -(-L // C) * C
     if budget is None:
         return TilePlan(L_pad, BHk, L_pad, BHk)
     per_token = _token_floats(G, E, d_feature, M, C)
     tokens = [max(C, min(L_pad, budget // (f * itemsize) // C * C)) for f in per_token]
+    state_floor = -(-d_feature * (M + 1) // (E + M) // C) * C
+    tokens[1] = min(L_pad, max(tokens[1], state_floor))
     heads = [
         max(1, min(BHk, budget // (f * itemsize * t)))
         for f, t in zip(per_token, tokens, strict=True)
