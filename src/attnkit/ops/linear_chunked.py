@@ -120,7 +120,7 @@ def plan_tiles(
     per_token = _token_floats(G, E, d_feature, M, C)
     tokens = [max(C, min(L_pad, budget // (f * itemsize) // C * C)) for f in per_token]
     state_floor = -(-d_feature * (M + 1) // (E + M) // C) * C
-    tokens[1] = min(L_pad, max(tokens[1], state_floor))
+    tokens[1] = max(C, min(L_pad, max(tokens[1], state_floor)))  # (L_pad is 0 when L is)
     heads = [
         max(1, min(BHk, budget // (f * itemsize * t)))
         for f, t in zip(per_token, tokens, strict=True)
