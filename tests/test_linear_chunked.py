@@ -8,6 +8,8 @@ bytes per head, not O(N D').
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from hypothesis import given
@@ -15,6 +17,7 @@ from hypothesis import strategies as st
 
 import attnkit
 from attnkit import feature_maps
+from attnkit.ops import linear_chunked
 from attnkit.ops.linear import LinearAttentionState, _causal_chunked
 from attnkit.ops.linear_chunked import TilePlan, _scan_, causal_linear_attention, plan_tiles
 
@@ -126,6 +129,18 @@ def test_tiled_equals_reference(name, shape, plan, normalize) -> None:
     q, k, v, S0, z0 = _inputs(B, H, Hk, L, E, M, phi.out_dim(E))
     ref = _reference(q, k, v, phi, S0, z0, C, normalize, 1e-6)
     fast = causal_linear_attention(q, k, v, phi, S0, z0, C, normalize, 1e-6, plan=PLANS[plan](C))
+    _check_against_reference(fast, ref, (q, k, v, S0, z0))
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+def test_gpu_style_cumsum_scans_equal_reference(shape, monkeypatch) -> None:
+    """The scans a GPU takes (one cumsum, no loop of adds), run here through the fast path."""
+    monkeypatch.setattr(linear_chunked, "_scan_", partial(linear_chunked._scan_, loop=False))
+    B, H, Hk, L, E, M, C = shape
+    phi = _phi("taylor", E)
+    q, k, v, S0, z0 = _inputs(B, H, Hk, L, E, M, phi.out_dim(E))
+    ref = _reference(q, k, v, phi, S0, z0, C, True, 1e-6)
+    fast = causal_linear_attention(q, k, v, phi, S0, z0, C, True, 1e-6, plan=TilePlan(C, 2, C, 1))
     _check_against_reference(fast, ref, (q, k, v, S0, z0))
 
 
