@@ -231,9 +231,10 @@ def test_unnormalised_step_loop_equals_chunked() -> None:
 
 
 def test_auto_chunk_size_rule() -> None:
-    # C* = 2 D' (M+1) / (D' + M + 1), nearest power of two, clamped to [32, 128], <= L.
+    # C* = 2 D' (M+1) / (D' + M + 1); the largest power of two <= C*, in [32, 128], <= L.
     assert auto_chunk_size(4096, 64, 64) == 64  # elu at D = M = 64: C* = 64.5
-    assert auto_chunk_size(4096, 153, 64) == 128  # Taylor at D = 16: C* = 91.2
+    assert auto_chunk_size(4096, 153, 64) == 64  # Taylor at D = 16: C* = 91.2
+    assert auto_chunk_size(4096, 256, 64) == 64  # FAVOR+ with 256 features: C* = 103.7
     assert auto_chunk_size(4096, 4, 3) == MIN_AUTO_CHUNK  # C* = 4 -> clamped up
     assert auto_chunk_size(4096, 4096, 4096) == MAX_AUTO_CHUNK
     assert auto_chunk_size(10, 64, 64) == 10 and auto_chunk_size(0, 64, 64) == 1

@@ -56,7 +56,7 @@ __all__ = [
 
 #: Bounds of the automatic chunk length (see :func:`auto_chunk_size`): below 32 the
 #: batched matmuls are too small to run near peak, above 128 the wasted upper triangle
-#: of the intra-chunk products dominates (measured: C = 16 and 256 are 1.5-2x slower).
+#: of the intra-chunk products dominates (measured: C = 256 is 1.5-2.0x slower).
 MIN_AUTO_CHUNK, MAX_AUTO_CHUNK = 32, 128
 
 
@@ -66,16 +66,22 @@ def auto_chunk_size(L: int, d_feature: int, d_value: int) -> int:
     Per token the causal chunked form does 2 C (D' + M') FLOPs inside its chunk (two
     masked [C, C] products) and 4 D' M' across chunks (state update and read), with
     M' = M + 1 (the fast path carries the denominator as an extra value column).
-    The rule balances the two, C* = 2 D' M' / (D' + M'), rounds C* to the nearest power
-    of two (in log scale), clamps it to [32, 128] and caps it at L.
+    Smaller chunks do fewer FLOPs but in smaller, less efficient matmuls. The rule:
+    the largest power of two C <= C* = 2 D' M' / (D' + M'), i.e. the longest chunk
+    whose intra-chunk work does not exceed the inter-chunk work (so the quadratic
+    part at most doubles the linear one), clamped to [32, 128] and capped at L.
 
-    Measured (2-core CPU, fp32, B=1, H=8, N=4096, one process): elu (D' = M = 64) picks
-    C = 64, within noise of 32 and 128 and 1.8x faster than 256; Taylor at D = 16
-    (D' = 153, M = 64) picks 128, tied with 64 and 1.3x faster than 32.
+    Measured with the tiled fast path (2-core CPU, fp32, B=1, H=8, medians in one
+    process, time relative to the best chunk): elu (D' = M = 64, C* = 64.5) picks
+    C = 64: 1.07x forward at N = 4096 and 16384 and forward + backward at 16384, where
+    C = 32 is best and 128 is 1.28-1.37x; Taylor at D = 16 (D' = 153, C* = 91) picks
+    64: 1.00x forward N = 4096 and 1.01x forward + backward N = 8192, where 128 is
+    1.17-1.18x and 16 is 1.06-1.28x; FAVOR+ with 256 features (C* = 104) picks 64:
+    1.00x forward N = 4096, where 128 is 1.11x.
     """
     m = d_value + 1
     balance = 2.0 * d_feature * m / max(1, d_feature + m)
-    c = 1 << round(math.log2(max(balance, 1.0)))
+    c = 1 << math.floor(math.log2(max(balance, 1.0)))
     return max(1, min(L, max(MIN_AUTO_CHUNK, min(MAX_AUTO_CHUNK, c))))
 
 
@@ -376,7 +382,7 @@ def linear_attention(
             :func:`~attnkit.ops.kernel.kernel_attention`); eps only matters for
             non-positive feature maps (relu, identity), whose denominators can reach 0.
         chunk_size: chunk length C of the causal form; ``None`` picks
-            :func:`auto_chunk_size` (64 for elu at D = M = 64, 128 for Taylor at
+            :func:`auto_chunk_size` (64 for elu at D = M = 64 and for Taylor at
             D = 16). Any positive int is exact; it only
             trades the intra-chunk [C, C] matmuls against the number of chunk states.
         initial_state: ``(S0, z0)`` carried over from an earlier call, e.g. the keys of
