@@ -71,13 +71,13 @@ def auto_chunk_size(L: int, d_feature: int, d_value: int) -> int:
     whose intra-chunk work does not exceed the inter-chunk work (so the quadratic
     part at most doubles the linear one), clamped to [32, 128] and capped at L.
 
-    Measured with the tiled fast path (2-core CPU, fp32, B=1, H=8, medians in one
-    process, time relative to the best chunk): elu (D' = M = 64, C* = 64.5) picks
-    C = 64: 1.07x forward at N = 4096 and 16384 and forward + backward at 16384, where
-    C = 32 is best and 128 is 1.28-1.37x; Taylor at D = 16 (D' = 153, C* = 91) picks
-    64: 1.00x forward N = 4096 and 1.01x forward + backward N = 8192, where 128 is
-    1.17-1.18x and 16 is 1.06-1.28x; FAVOR+ with 256 features (C* = 104) picks 64:
-    1.00x forward N = 4096, where 128 is 1.11x.
+    Measured with ``python benchmarks/chunk_size.py`` (the tiled fast path, 2-core
+    CPU, fp32, B=1, H=8, M=64, medians of interleaved rounds; two runs): the pick is
+    within 1.00-1.07x of the fastest chunk for elu (D' = 64, C = 64; forward N = 4096
+    and 16384, forward + backward N = 16384, where C = 32 is fastest), Taylor at D = 16
+    (D' = 153, C = 64; forward N = 4096, forward + backward N = 8192) and FAVOR+ with
+    256 features (C = 64; forward N = 4096), while C = 128 is 1.11-1.24x and C = 256
+    1.5-2.0x slower.
     """
     m = d_value + 1
     balance = 2.0 * d_feature * m / max(1, d_feature + m)
