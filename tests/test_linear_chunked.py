@@ -217,6 +217,21 @@ def test_plan_tiles_without_a_budget_is_one_tile() -> None:
     assert plan_tiles(16, 2, 1000, 64, 64, 64, 64, 4, None) == TilePlan(1024, 16, 1024, 16)
 
 
+@pytest.mark.parametrize("budget", [None, 1, 2**20], ids=["gpu", "tiny", "1MiB"])
+def test_empty_sequence_under_every_plan(budget) -> None:
+    """L = 0: empty output, the initial state passed through, its gradient passed back."""
+    phi = feature_maps.get("elu")
+    q, k, v, S0, z0 = _inputs(2, 4, 2, 0, 3, 2, 3)
+    plan = plan_tiles(4, 2, 0, 3, 3, 2, 8, 8, budget)
+    o, S, z = causal_linear_attention(q, k, v, phi, S0, z0, 8, True, 1e-6, plan=plan)
+    assert o.shape == (2, 4, 0, 2)
+    torch.testing.assert_close(S, S0)
+    torch.testing.assert_close(z, z0)
+    dS0, dz0 = torch.autograd.grad(S.sum() + 2 * z.sum(), (S0, z0))
+    torch.testing.assert_close(dS0, torch.ones_like(S0))
+    torch.testing.assert_close(dz0, torch.full_like(z0, 2.0))
+
+
 @pytest.mark.parametrize("name", ["elu", "taylor", "polynomial"])
 def test_linear_attention_dispatches_to_fast_path_and_matches_kernel(name) -> None:
     """The public causal path (fast) still equals the O(N^2) kernel reference."""

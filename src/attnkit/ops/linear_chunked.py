@@ -116,7 +116,7 @@ def plan_tiles(
     """
     L_pad = -(-L // C) * C
     if budget is None:
-        return TilePlan(L_pad, BHk, L_pad, BHk)
+        return TilePlan(max(C, L_pad), BHk, max(C, L_pad), BHk)  # (L_pad is 0 when L is)
     per_token = _token_floats(G, E, d_feature, M, C)
     tokens = [max(C, min(L_pad, budget // (f * itemsize) // C * C)) for f in per_token]
     state_floor = -(-d_feature * (M + 1) // (E + M) // C) * C
