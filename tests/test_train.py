@@ -132,7 +132,9 @@ def test_torchrun_two_processes(tmp_path: Path) -> None:
         "-m", "attnkit.train", *TINY, "--out", str(tmp_path), "--stop-after", "5",
     ]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
+    # On failure show the ranks' own error lines first (torchrun's summary is long).
+    errors = [ln for ln in done.stderr.splitlines() if "rror" in ln or "terminate" in ln]
+    assert done.returncode == 0, "\n".join(errors[:20]) + "\n...\n" + done.stderr[-2000:]
     log = _log(tmp_path)
     assert log["world_size"] == 2 and len(log["history"]) == 5
     # The same first 5 steps as one process would take.

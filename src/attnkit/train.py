@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import gc
 import inspect
 import json
 import math
@@ -392,10 +393,20 @@ def train(cfg: TrainConfig, opts: RunOptions | None = None) -> dict[str, Any]:
     if opts.threads is not None:
         torch.set_num_threads(opts.threads)
     world = _setup(opts)
+    finished = False
     try:
-        return _train(cfg, opts, world)
+        log = _train(cfg, opts, world)
+        finished = True
+        return log
     finally:
         if world.owns_group:
+            # Free DDP's reducer (it holds the group and gloo's worker threads) while the
+            # group is alive, and let every rank finish before any tears its connections
+            # down: a gloo rank exiting mid-teardown aborted its peer ("terminate called
+            # without an active exception") in about 1 of 6 loaded torchrun runs.
+            gc.collect()
+            if finished:
+                dist.barrier()
             dist.destroy_process_group()
 
 
