@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
 import pickle
 import shutil
@@ -564,11 +565,18 @@ def _local_worker(
         world_size=world_size,
         timeout=datetime.timedelta(seconds=timeout_s),
     )
+    finished = False
     try:
         result = fn(rank, world_size, *args)
         with open(os.path.join(tmpdir, f"result-{rank}.pkl"), "wb") as f:
             pickle.dump(result, f)
+        finished = True
     finally:
+        # As attnkit.train does: drop what still holds the group (e.g. a DDP reducer),
+        # then let every rank finish before any closes its gloo connections.
+        gc.collect()
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 
