@@ -22,9 +22,9 @@ Four ideas make it fast and lean on a CPU (all plain torch, so it runs on a GPU 
    outputs) fits in about :data:`CPU_TILE_BYTES`; the state is carried from tile to
    tile along the sequence. The backward pass holds twice as much per token, so its
    tiles are shorter; the forward saves the state at each backward tile boundary
-   (it has every chunk's prefix at hand). Memory traffic to DRAM, not arithmetic, is what made the
-   untiled version slow: every fresh 8 MB temporary cost about 1 ms of page and
-   cache misses on the 2-core reference machine. On a GPU the whole problem is one
+   (it has every chunk's prefix at hand). Memory traffic to DRAM, not arithmetic,
+   is what made the untiled version slow: every fresh 8 MB temporary cost about
+   1 ms of page and cache misses on the 2-core reference machine. On a GPU the whole problem is one
    tile (big kernels are what a GPU wants). See :func:`plan_tiles`.
 4. **Recompute instead of store.** Only q, k, v, the output, its denominator and
    the state at each tile boundary along the sequence are saved; the feature maps
@@ -114,13 +114,13 @@ def plan_tiles(
     rows saved beside them and training memory stays O(N (E + M) + D' M) per head,
     whatever the budget.
     """
-    L_pad = -(-L // C) * C
+    L_pad = max(C, -(-L // C) * C)  # an empty sequence still gets one chunk
     if budget is None:
-        return TilePlan(max(C, L_pad), BHk, max(C, L_pad), BHk)  # (L_pad is 0 when L is)
+        return TilePlan(L_pad, BHk, L_pad, BHk)
     per_token = _token_floats(G, E, d_feature, M, C)
     tokens = [max(C, min(L_pad, budget // (f * itemsize) // C * C)) for f in per_token]
     state_floor = -(-d_feature * (M + 1) // (E + M) // C) * C
-    tokens[1] = max(C, min(L_pad, max(tokens[1], state_floor)))  # (L_pad is 0 when L is)
+    tokens[1] = min(L_pad, max(tokens[1], state_floor))
     heads = [
         max(1, min(BHk, budget // (f * itemsize * t)))
         for f, t in zip(per_token, tokens, strict=True)
@@ -161,9 +161,8 @@ def _unchunk_rows(y: Tensor, h: int, G: int, C: int, T: int) -> Tensor:
 def _augmented_rows(v: Tensor, n: int, C: int, dtype: torch.dtype) -> Tensor:
     """V' = [V, 1] in chunk rows: [h, T, M] -> [h n, C, M + 1], zero rows (ones too) past T."""
     h, T, M = v.shape
-    va = v.new_zeros((h, n * C, M + 1), dtype=dtype) if T < n * C else None
-    if va is None:
-        va = v.new_empty((h, n * C, M + 1), dtype=dtype)
+    alloc = v.new_zeros if T < n * C else v.new_empty
+    va = alloc((h, n * C, M + 1), dtype=dtype)
     va[:, :T, :M] = v
     va[:, :T, M] = 1.0
     return va.view(h * n, C, M + 1)
@@ -234,6 +233,44 @@ def _loop_(x: Tensor, dim: int, reverse: bool) -> None:
 # --------------------------------------------------------------------------------------
 
 
+def _chunk_states(x: Tensor, y: Tensor, edge: Tensor, reverse: bool) -> Tensor:
+    """Running sums of the chunks' x_c^T y_c over each of h heads, [h n, D', M'].
+
+    Forward (x, y = phi(K), V', edge = the state S entering the tile): row h n + c is
+    head h's state after its chunk c, S + sum_{c' <= c}. Reverse (x, y = phi(Q), dO',
+    edge = the reverse state R leaving the tile): R + sum_{c' >= c}. One bmm for the
+    per-chunk products, then an in-place inclusive scan.
+    """
+    h, Dp, Mp = edge.shape
+    sums = torch.bmm(x.transpose(1, 2), y)  # [h n, D', M']: each chunk's x_c^T y_c
+    incl = sums.view(h, -1, Dp, Mp)
+    incl[:, -1 if reverse else 0] += edge
+    _scan_(incl, reverse=reverse)
+    return sums
+
+
+def _bmm_neighbour(a: Tensor, b: Tensor, edge: Tensor, reverse: bool) -> Tensor:
+    """a[c] @ b[c - 1] (``reverse``: b[c + 1]) for every chunk c of each of h heads.
+
+    a [h n, X, Y], b [h n, Y, Z], edge [h, Y, Z] -> [h n, X, Z]. A head's first (last)
+    chunk has no neighbour in b and takes ``edge`` (the state entering the tile, or
+    the reverse state leaving it) instead. One bmm over the flattened batch shifted
+    by one chunk: the pairs that straddle two heads are computed and then
+    overwritten by the edge products, so no shifted copy of b is ever made.
+    """
+    h = edge.shape[0]
+    hn, X, Y = a.shape
+    out = a.new_empty((hn, X, b.shape[-1]))
+    if hn > 1:
+        if reverse:
+            torch.bmm(a[:-1], b[1:], out=out[:-1])
+        else:
+            torch.bmm(a[1:], b[:-1], out=out[1:])
+    end = -1 if reverse else 0
+    out.view(h, hn // h, X, -1)[:, end] = torch.bmm(a.view(h, hn // h, X, Y)[:, end], edge)
+    return out
+
+
 def _tile_forward(
     qc: Tensor, kc: Tensor, vc: Tensor, S: Tensor, G: int, C: int
 ) -> tuple[Tensor, Tensor]:
@@ -243,20 +280,11 @@ def _tile_forward(
     before the tile. Returns o' [h n, G C, M'] and the states after each chunk
     [h, n, D', M'] (the last one is the state after the tile).
     """
-    h, Dp, Mp = S.shape
-    hn, GC, _ = qc.shape
-    n = hn // h
-    kv = torch.bmm(kc.transpose(1, 2), vc)  # [h n, D', M']: each chunk's phi(K)^T V'
-    incl = kv.view(h, n, Dp, Mp)
-    incl[:, 0] += S
-    _scan_(incl)  # incl[:, c] = S + chunks 0..c
-    o = qc.new_empty((hn, GC, Mp))
-    if hn > 1:  # chunk c reads chunk c - 1's prefix (wrong at head starts: fixed below)
-        torch.bmm(qc[1:], kv[:-1], out=o[1:])
-    o.view(h, n, GC, Mp)[:, 0] = torch.bmm(qc.view(h, n, GC, Dp)[:, 0], S)
+    states = _chunk_states(kc, vc, S, reverse=False)
+    o = _bmm_neighbour(qc, states, S, reverse=False)  # inter-chunk: the state before c
     A = _tril_(torch.bmm(qc, kc.transpose(1, 2)), G, C)  # [h n, G C, C]
     o.baddbmm_(A, vc)  # + intra-chunk
-    return o, incl
+    return o, states.view(S.shape[0], -1, *S.shape[1:])
 
 
 def _tile_backward(
@@ -267,38 +295,21 @@ def _tile_backward(
     S [h, D', M'] is the state before the tile, R [h, D', M'] the reverse state after
     it (dS'_T plus what later tiles send back). Pad rows of vc and doc must be zero.
     """
-    h, Dp, Mp = S.shape
-    hn, GC, _ = qc.shape
-    n = hn // h
     # d phi(q) = do' S'_prev^T + tril(do' v'^T) phi(K_c)
-    kv = torch.bmm(kc.transpose(1, 2), vc)
-    incl = kv.view(h, n, Dp, Mp)
-    incl[:, 0] += S
-    _scan_(incl)
-    dq = qc.new_empty((hn, GC, Dp))
-    if hn > 1:
-        torch.bmm(doc[1:], kv[:-1].transpose(1, 2), out=dq[1:])
-    dq.view(h, n, GC, Dp)[:, 0] = torch.bmm(doc.view(h, n, GC, Mp)[:, 0], S.transpose(1, 2))
+    states = _chunk_states(kc, vc, S, reverse=False)
+    dq = _bmm_neighbour(doc, states.transpose(1, 2), S.transpose(1, 2), reverse=False)
     Bm = _tril_(torch.bmm(doc, vc.transpose(1, 2)), G, C)  # [h n, G C, C]
     dq.baddbmm_(Bm, kc)
 
     # R_c = R + sum_{c' >= c} phi(Q_c')^T dO'_c'; chunk c reads R_{c + 1}
-    qdo = torch.bmm(qc.transpose(1, 2), doc)
-    rincl = qdo.view(h, n, Dp, Mp)
-    rincl[:, -1] += R
-    _scan_(rincl, reverse=True)
-    dk = qc.new_empty((hn, C, Dp))
-    dv = qc.new_empty((hn, C, Mp))
-    if hn > 1:  # wrong at head ends: fixed below
-        torch.bmm(vc[:-1], qdo[1:].transpose(1, 2), out=dk[:-1])
-        torch.bmm(kc[:-1], qdo[1:], out=dv[:-1])
-    dk.view(h, n, C, Dp)[:, -1] = torch.bmm(vc.view(h, n, C, Mp)[:, -1], R.transpose(1, 2))
-    dv.view(h, n, C, Mp)[:, -1] = torch.bmm(kc.view(h, n, C, Dp)[:, -1], R)
+    after = _chunk_states(qc, doc, R, reverse=True)
+    dk = _bmm_neighbour(vc, after.transpose(1, 2), R.transpose(1, 2), reverse=True)
+    dv = _bmm_neighbour(kc, after, R, reverse=True)
     # d phi(k) += tril(do' v'^T)^T phi(Q_c);  dV' += tril(q k^T)^T do'
     dk.baddbmm_(Bm.transpose(1, 2), qc)
     A = _tril_(torch.bmm(qc, kc.transpose(1, 2)), G, C)
     dv.baddbmm_(A.transpose(1, 2), doc)
-    return dq, dk, dv, rincl[:, 0]
+    return dq, dk, dv, after.view(R.shape[0], -1, *R.shape[1:])[:, 0]
 
 
 def _ranges(total: int, step: int) -> list[tuple[int, int]]:
