@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import gc
 import inspect
 import json
 import math
@@ -70,7 +69,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from attnkit._io import atomic_write
 from attnkit.data import IGNORE_INDEX, MQARConfig
-from attnkit.distributed import shard_bounds
+from attnkit.distributed import close_process_group, shard_bounds
 from attnkit.layers.transformer import TinyLM
 
 __all__ = ["CHECKPOINT", "LOG", "MODEL", "RunOptions", "TrainConfig", "main", "train"]
@@ -400,14 +399,7 @@ def train(cfg: TrainConfig, opts: RunOptions | None = None) -> dict[str, Any]:
         return log
     finally:
         if world.owns_group:
-            # Free DDP's reducer (it holds the group and gloo's worker threads) while the
-            # group is alive, and let every rank finish before any tears its connections
-            # down: a gloo rank exiting mid-teardown aborted its peer ("terminate called
-            # without an active exception") in about 1 of 6 loaded torchrun runs.
-            gc.collect()
-            if finished:
-                dist.barrier()
-            dist.destroy_process_group()
+            close_process_group(finished)
 
 
 def _train(cfg: TrainConfig, opts: RunOptions, world: _World) -> dict[str, Any]:
