@@ -12,13 +12,12 @@ each C relative to the fastest, marking the C that ``chunk_size=None`` picks.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 
 from attnkit import feature_maps, linear_attention
+from attnkit.bench.core import time_interleaved
 from attnkit.ops.linear import auto_chunk_size
 
 B, H, M = 1, 8, 64
@@ -62,15 +61,8 @@ def main() -> None:
         phi = feature_maps.get(name, **options)
         auto = auto_chunk_size(N, phi.out_dim(E), M)
         runs = {C: _runner(phi, E, N, train, C) for C in args.chunks}
-        times: dict[int, list[float]] = {C: [] for C in runs}
-        for fn in runs.values():
-            fn()  # warm-up
-        for _ in range(args.rounds):
-            for C, fn in runs.items():
-                t0 = time.perf_counter()
-                fn()
-                times[C].append(time.perf_counter() - t0)
-        med = {C: statistics.median(ts) for C, ts in times.items()}
+        timings = time_interleaved({str(C): fn for C, fn in runs.items()}, repeats=args.rounds)
+        med = {C: timings[str(C)].median for C in runs}
         best = min(med.values())
         phase = "fwd+bwd" if train else "fwd"
         cells = "  ".join(

@@ -4,8 +4,9 @@
 set fits about ``CPU_TILE_BYTES`` (see ``plan_tiles``). This script times, in one
 process and interleaved round by round (so machine drift hits every budget alike),
 the forward and the forward + backward of the issue's configurations for several
-budgets, and prints the median time of each relative to the default budget, with
-the tile plan each budget gives. "untiled" is one tile (what a GPU gets).
+budgets (``attnkit.bench``'s ``time_interleaved``), and prints the median time of
+each relative to the default budget, with the tile plan each budget gives.
+"untiled" is one tile (what a GPU gets).
 
     python benchmarks/tile_budget.py                       # 2 threads, budgets 4..24 MiB
     python benchmarks/tile_budget.py --budgets 8 12 16 --rounds 21
@@ -14,13 +15,12 @@ the tile plan each budget gives. "untiled" is one tile (what a GPU gets).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 
 from attnkit import feature_maps
+from attnkit.bench.core import time_interleaved
 from attnkit.ops import linear_chunked
 from attnkit.ops.linear import auto_chunk_size
 from attnkit.ops.linear_chunked import TilePlan, causal_linear_attention, plan_tiles
@@ -68,15 +68,10 @@ def main() -> None:
     print(f"threads={args.threads}, B={B}, H={H}, M={M}; default budget {default} MiB")
     for name in CONFIGS:
         cases = {b: _case(name, None if b is None else b * 2**20) for b in budgets}
-        times: dict[int | None, list[float]] = {b: [] for b in budgets}
-        for fn, _ in cases.values():
-            fn()  # warm-up
-        for _ in range(args.rounds):
-            for b, (fn, _) in cases.items():
-                t0 = time.perf_counter()
-                fn()
-                times[b].append(time.perf_counter() - t0)
-        med = {b: statistics.median(ts) for b, ts in times.items()}
+        timings = time_interleaved(
+            {str(b): fn for b, (fn, _) in cases.items()}, repeats=args.rounds
+        )
+        med = {b: timings[str(b)].median for b in budgets}
         ref = med.get(default, min(med.values()))
         print(f"\n{name}")
         print(

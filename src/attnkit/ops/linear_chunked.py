@@ -59,9 +59,9 @@ from attnkit.feature_maps import FeatureMap
 __all__ = ["CPU_TILE_BYTES", "TilePlan", "causal_linear_attention", "plan_tiles"]
 
 #: Working-set budget of one tile on a CPU, a fraction of the last-level cache (32 MiB
-#: on the 2-core reference machine). ``python benchmarks/tile_budget.py`` there, three
+#: on the 2-core reference machine). ``python benchmarks/tile_budget.py`` there, four
 #: runs: 8, 12 and 16 MiB were within noise of each other (0.90-1.05x), 4 MiB was
-#: 1.10-1.18x slower and one untiled call 1.7-2.4x slower (elu forward N=4096, elu
+#: 1.10-1.18x slower and one untiled call 1.7-2.6x slower (elu forward N=4096, elu
 #: forward + backward N=16384, Taylor-16 forward N=4096; B=1, H=8, M=64, 2 threads).
 CPU_TILE_BYTES = 12 * 2**20
 
