@@ -318,8 +318,7 @@ def linear_causal_fwd(ctx: BenchContext) -> CaseResult:
             *(Target(f"{label} time / fp32 time", r, 2.0, "<=", "x") for label, r in half.items()),
         ]
 
-    finish(ctx.peaks)
-    res.refresh = finish
+    res.refresh = finish  # the runner calls it (again once the peaks are re-measured)
     return res
 
 
@@ -707,8 +706,7 @@ def decode(ctx: BenchContext) -> CaseResult:
             Target("MQA step time / MHA step time", ratio, 0.25, "<=", "x"),
         ]
 
-    finish(ctx.peaks)
-    res.refresh = finish
+    res.refresh = finish  # the runner calls it (again once the peaks are re-measured)
     return res
 
 

@@ -223,9 +223,9 @@ class CaseResult:
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0  # wall time of the case, set by the runner
     error: str | None = None  # set by the runner when the case raised
-    #: Recomputes the summary entries and targets that are fractions of peak; the
-    #: runner calls it again once the final (re-measured) peaks are known, so they
-    #: agree with the tables, which are rendered against the final peaks.
+    #: Computes the summary entries and targets that are fractions of peak. The runner
+    #: calls it after the case and again once the final (re-measured) peaks are known,
+    #: so they agree with the tables, which are rendered against the final peaks.
     refresh: Callable[[MachinePeaks | None], None] | None = field(
         default=None, repr=False, compare=False
     )

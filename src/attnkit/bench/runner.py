@@ -236,6 +236,8 @@ def run_bench(
                 t0 = time.perf_counter()
                 try:
                     result = case.run(ctx)
+                    if result.refresh is not None:  # fractions of the peaks known so far
+                        result.refresh(ctx.peaks)
                 except Exception as err:  # one failing case must not lose the others
                     result = CaseResult(name, case.title, error=f"{type(err).__name__}: {err}")
                     result.notes.append(traceback.format_exc(limit=3))
@@ -246,7 +248,7 @@ def run_bench(
             if len(names) > 1 and ctx.peaks is not None:
                 hook.start("machine (again)")
                 _remeasure_peaks(ctx, report)
-                for case_result in report.cases:  # fractions of the final peaks
+                for case_result in report.cases:  # again, of the final peaks
                     if case_result.refresh is not None:
                         case_result.refresh(ctx.peaks)
         report.peaks = ctx.peaks
