@@ -92,7 +92,14 @@ def _one_case(
     # Single-process reference (the whole sequence: only the test does this).
     qf, kf, vf = (t.clone().requires_grad_(True) for t in (q, k, v))
     o_ref, st_ref = linear_attention(
-        qf, kf, vf, phi, is_causal=True, normalize=normalize, output_final_state=True
+        qf,
+        kf,
+        vf,
+        phi,
+        is_causal=True,
+        normalize=normalize,
+        output_final_state=True,
+        enable_gqa=True,
     )
     assert st_ref is not None
     ((o_ref * cot).sum() + (st_ref.S * cS).sum() + (st_ref.z * cz).sum()).backward()
@@ -110,6 +117,7 @@ def _one_case(
         chunk_size=chunk_size,
         output_final_state=True,
         scan=scan,
+        enable_gqa=True,
     )
     assert st is not None
     loss = (o * cot[:, :, start:stop]).sum()

@@ -111,7 +111,7 @@ def test_linear_equals_kernel_reference(name, shape, is_causal, dtype, normalize
 
     def fast(q, k, v):
         o, _ = linear_attention(
-            q, k, v, phi, is_causal=is_causal, normalize=normalize, chunk_size=4
+            q, k, v, phi, is_causal=is_causal, normalize=normalize, chunk_size=4, enable_gqa=True
         )
         return [o]
 
@@ -125,6 +125,7 @@ def test_linear_equals_kernel_reference(name, shape, is_causal, dtype, normalize
                 sim_kwargs={"feature_map": phi},
                 is_causal=is_causal,
                 normalize=normalize,
+                enable_gqa=True,
             )
         ]
 
@@ -140,39 +141,49 @@ def test_polynomial_map_equals_polynomial_kernel(dtype, is_causal) -> None:
     q, k, v = make_qkv(2, 4, 2, 11, 11, 6, 5, dtype=dtype, positive=True)
 
     def fast(q, k, v):
-        return [linear_attention(q, k, v, phi, is_causal=is_causal, chunk_size=3)[0]]
+        return [
+            linear_attention(q, k, v, phi, is_causal=is_causal, chunk_size=3, enable_gqa=True)[0]
+        ]
 
     def ref(q, k, v):
         kw = {"degree": 2, "c": 1.0}
-        return [kernel_attention(q, k, v, sim="polynomial", sim_kwargs=kw, is_causal=is_causal)]
+        return [
+            kernel_attention(
+                q, k, v, sim="polynomial", sim_kwargs=kw, is_causal=is_causal, enable_gqa=True
+            )
+        ]
 
     assert_all_close(fast, ref, (q, k, v), **tol(dtype))
 
 
 def test_default_feature_map_is_elu_and_state_matches_sums() -> None:
     q, k, v = make_qkv(2, 2, 1, 9, 9, 4, 3, dtype=F64)
-    o, state = linear_attention(q, k, v, output_final_state=True)
-    ref = kernel_attention(q, k, v, sim="linear")  # default feature map: elu + 1
+    o, state = linear_attention(q, k, v, output_final_state=True, enable_gqa=True)
+    ref = kernel_attention(q, k, v, sim="linear", enable_gqa=True)  # default feature map: elu + 1
     torch.testing.assert_close(o, ref, **tol(F64))
     assert isinstance(state, LinearAttentionState)
     fk = torch.nn.functional.elu(k) + 1
     torch.testing.assert_close(state.S, fk.transpose(-2, -1) @ v, **tol(F64))
     torch.testing.assert_close(state.z, fk.sum(-2), **tol(F64))
-    _, causal_state = linear_attention(q, k, v, is_causal=True, output_final_state=True)
+    _, causal_state = linear_attention(
+        q, k, v, is_causal=True, output_final_state=True, enable_gqa=True
+    )
     torch.testing.assert_close(causal_state.S, state.S, **tol(F64))
-    assert linear_attention(q, k, v)[1] is None
+    assert linear_attention(q, k, v, enable_gqa=True)[1] is None
 
 
 def test_eps_is_clamp_not_shift() -> None:
     """With relu and a zero denominator the output is 0 (num 0 / eps), else exact."""
     q, k, v = make_qkv(1, 1, 1, 4, 5, 3, 2, dtype=F64, positive=True)
     q[0, 0, 2] = -1.0  # relu(q_2) = 0: numerator and denominator vanish
-    o, _ = linear_attention(q, k, v, "relu", eps=1e-3)
-    ref = kernel_attention(q, k, v, sim="linear", sim_kwargs={"feature_map": "relu"}, eps=1e-3)
+    o, _ = linear_attention(q, k, v, "relu", eps=1e-3, enable_gqa=True)
+    ref = kernel_attention(
+        q, k, v, sim="linear", sim_kwargs={"feature_map": "relu"}, eps=1e-3, enable_gqa=True
+    )
     torch.testing.assert_close(o, ref, **tol(F64))
     assert torch.equal(o[0, 0, 2], torch.zeros(2, dtype=F64))
     with pytest.raises(ValueError, match="1 of 4 rows"):
-        kernel_attention(q, k, v, sim="linear", sim_kwargs={"feature_map": "relu"})
+        kernel_attention(q, k, v, sim="linear", sim_kwargs={"feature_map": "relu"}, enable_gqa=True)
 
 
 # ------------------------------------------------------------------ chunked == recurrent
@@ -182,7 +193,13 @@ def step_loop(q, k, v, phi, state=None, normalize=True):
     outs = []
     for t in range(q.shape[2]):
         o, state = linear_attention_step(
-            q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], state, phi, normalize
+            q[:, :, t : t + 1],
+            k[:, :, t : t + 1],
+            v[:, :, t : t + 1],
+            state,
+            phi,
+            normalize,
+            enable_gqa=True,
         )
         outs.append(o)
     return torch.cat(outs, dim=2), state
@@ -210,6 +227,7 @@ def test_chunked_causal_equals_step_loop(name, chunk_size, with_state) -> None:
             chunk_size=chunk_size,
             initial_state=tuple(state) if state else None,
             output_final_state=True,
+            enable_gqa=True,
         )
         return [o, st.S, st.z]
 
@@ -223,7 +241,15 @@ def test_chunked_causal_equals_step_loop(name, chunk_size, with_state) -> None:
 def test_unnormalised_step_loop_equals_chunked() -> None:
     q, k, v = make_qkv(1, 2, 1, 10, 10, 4, 3, dtype=F64)
     o, st = linear_attention(
-        q, k, v, "identity", is_causal=True, normalize=False, chunk_size=4, output_final_state=True
+        q,
+        k,
+        v,
+        "identity",
+        is_causal=True,
+        normalize=False,
+        chunk_size=4,
+        output_final_state=True,
+        enable_gqa=True,
     )
     o2, st2 = step_loop(q, k, v, "identity", normalize=False)
     torch.testing.assert_close(o, o2, **tol(F64))
@@ -239,8 +265,10 @@ def test_auto_chunk_size_rule() -> None:
     assert auto_chunk_size(4096, 4096, 4096) == MAX_AUTO_CHUNK
     assert auto_chunk_size(10, 64, 64) == 10 and auto_chunk_size(0, 64, 64) == 1
     q, k, v = make_qkv(1, 1, 1, 150, 150, 4, 3, dtype=F64)
-    o, _ = linear_attention(q, k, v, is_causal=True)  # C = 32, 150 = 4 * 32 + 22
-    torch.testing.assert_close(o, kernel_attention(q, k, v, sim="linear", is_causal=True))
+    o, _ = linear_attention(q, k, v, is_causal=True, enable_gqa=True)  # C = 32, 150 = 4 * 32 + 22
+    torch.testing.assert_close(
+        o, kernel_attention(q, k, v, sim="linear", is_causal=True, enable_gqa=True)
+    )
 
 
 # ------------------------------------------------------------------ split + state == one call
@@ -251,7 +279,14 @@ def split_vs_whole(q, k, v, phi, t, is_causal, chunk_size, dtype):
 
     def whole(q, k, v):
         o, st = linear_attention(
-            q, k, v, phi, is_causal=is_causal, chunk_size=chunk_size, output_final_state=True
+            q,
+            k,
+            v,
+            phi,
+            is_causal=is_causal,
+            chunk_size=chunk_size,
+            output_final_state=True,
+            enable_gqa=True,
         )
         return [o, st.S, st.z]
 
@@ -267,6 +302,7 @@ def split_vs_whole(q, k, v, phi, t, is_causal, chunk_size, dtype):
             is_causal=is_causal,
             chunk_size=chunk_size,
             output_final_state=True,
+            enable_gqa=True,
         )
         o2, st2 = linear_attention(
             q2,
@@ -277,6 +313,7 @@ def split_vs_whole(q, k, v, phi, t, is_causal, chunk_size, dtype):
             chunk_size=chunk_size,
             initial_state=st1,
             output_final_state=True,
+            enable_gqa=True,
         )
         o = torch.cat([o1, o2], dim=2) if is_causal else o2
         return [o, st2.S, st2.z]
@@ -312,7 +349,7 @@ def test_split_property(L, frac, chunk_size, is_causal, group) -> None:
 
 def test_step_attends_to_itself_and_starts_from_zero() -> None:
     q, k, v = make_qkv(2, 2, 1, 1, 1, 4, 3, dtype=F64)
-    o, st = linear_attention_step(q, k, v, None)
+    o, st = linear_attention_step(q, k, v, None, enable_gqa=True)
     # One token, one key: the normalised output is exactly that key's value.
     torch.testing.assert_close(o, v.expand(2, 2, 1, 3), **tol(F64))
     fk = torch.nn.functional.elu(k[:, :, 0]) + 1
@@ -323,8 +360,8 @@ def test_step_attends_to_itself_and_starts_from_zero() -> None:
 def test_step_accepts_plain_tuple_state() -> None:
     q, k, v = make_qkv(1, 2, 2, 1, 1, 4, 3)
     S0, z0 = torch.rand(1, 2, 4, 3), torch.rand(1, 2, 4) + 1
-    a, sa = linear_attention_step(q, k, v, (S0, z0))
-    b, sb = linear_attention_step(q, k, v, LinearAttentionState(S0, z0))
+    a, sa = linear_attention_step(q, k, v, (S0, z0), enable_gqa=True)
+    b, sb = linear_attention_step(q, k, v, LinearAttentionState(S0, z0), enable_gqa=True)
     assert torch.equal(a, b) and torch.equal(sa.S, sb.S)
 
 
@@ -337,11 +374,11 @@ def test_bf16_long_causal_accumulates_in_fp32() -> None:
     N, E = 65536, 16
     q, k, v = make_qkv(1, 1, 1, N, N, E, E, dtype=torch.bfloat16)
     v = v + 1.0  # a nonzero mean, so outputs stay O(1) and errors are visible
-    o, st = linear_attention(q, k, v, is_causal=True, output_final_state=True)
+    o, st = linear_attention(q, k, v, is_causal=True, output_final_state=True, enable_gqa=True)
     assert o.dtype == torch.bfloat16 and st.S.dtype == torch.float32
     assert torch.isfinite(o).all()
     ref, ref_st = linear_attention(
-        q.double(), k.double(), v.double(), is_causal=True, output_final_state=True
+        q.double(), k.double(), v.double(), is_causal=True, output_final_state=True, enable_gqa=True
     )
     # Only the final rounding to bf16 remains (unit roundoff 2^-8 = 0.0039 relative);
     # accumulating S, z in bf16 instead gives ~1.7e-2 here.
@@ -354,11 +391,11 @@ def test_bf16_long_causal_accumulates_in_fp32() -> None:
 @pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
 def test_fp16_short(is_causal) -> None:
     q, k, v = make_qkv(2, 4, 2, 257, 257, 12, 8, dtype=torch.float16)
-    o, st = linear_attention(q, k, v, is_causal=is_causal, output_final_state=True)
+    o, st = linear_attention(q, k, v, is_causal=is_causal, output_final_state=True, enable_gqa=True)
     assert o.dtype == torch.float16 and st.z.dtype == torch.float32
-    ref, _ = linear_attention(q.float(), k.float(), v.float(), is_causal=is_causal)
+    ref, _ = linear_attention(q.float(), k.float(), v.float(), is_causal=is_causal, enable_gqa=True)
     torch.testing.assert_close(o.float(), ref, rtol=2e-3, atol=2e-3)
-    o1, st1 = linear_attention_step(q[:, :, :1], k[:, :, :1], v[:, :, :1], None)
+    o1, st1 = linear_attention_step(q[:, :, :1], k[:, :, :1], v[:, :, :1], None, enable_gqa=True)
     assert o1.dtype == torch.float16 and st1.S.dtype == torch.float32
 
 
@@ -381,6 +418,7 @@ def test_gradcheck_linear_attention(is_causal) -> None:
             chunk_size=2,
             initial_state=(S0, z0),
             output_final_state=True,
+            enable_gqa=True,
         )
         return o, st.S, st.z
 
@@ -392,7 +430,9 @@ def test_gradcheck_linear_attention_polynomial() -> None:
     args = [t.requires_grad_(True) for t in (q, k, v)]
 
     def fn(q, k, v):
-        return linear_attention(q, k, v, "polynomial", is_causal=True, chunk_size=3)[0]
+        return linear_attention(
+            q, k, v, "polynomial", is_causal=True, chunk_size=3, enable_gqa=True
+        )[0]
 
     assert torch.autograd.gradcheck(fn, args)
 
@@ -404,7 +444,7 @@ def test_gradcheck_step() -> None:
     args = [t.requires_grad_(True) for t in (q, k, v, S0, z0)]
 
     def fn(q, k, v, S0, z0):
-        o, st = linear_attention_step(q, k, v, (S0, z0))
+        o, st = linear_attention_step(q, k, v, (S0, z0), enable_gqa=True)
         return o, st.S, st.z
 
     assert torch.autograd.gradcheck(fn, args)
@@ -434,7 +474,9 @@ def _bad_cases():
         ("chunk-0", (q, k, v), {"chunk_size": 0}, ValueError, r"chunk_size must be.*got 0"),
         ("chunk-float", (q, k, v), {"chunk_size": 2.0}, ValueError, r"positive int, got 2.0"),
         ("chunk-bool", (q, k, v), {"chunk_size": True}, ValueError, r"positive int, got True"),
-        ("eps", (q, k, v), {"eps": -1.0}, ValueError, r"eps must be a float >= 0, got -1.0"),
+        ("eps", (q, k, v), {"eps": -1.0}, ValueError, r"eps must be None or a finite float > 0"),
+        ("eps-0", (q, k, v), {"eps": 0.0}, ValueError, r"eps must be None or a finite float > 0"),
+        ("eps-inf", (q, k, v), {"eps": float("inf")}, ValueError, r"finite float > 0, got inf"),
         (
             "causal-L!=S",
             (q, k[:, :, :4], v[:, :, :4]),
@@ -495,16 +537,20 @@ def _bad_cases():
 )
 def test_bad_input(args, kwargs, error, match) -> None:
     with pytest.raises(error, match=match):
-        linear_attention(*args, **kwargs)
+        linear_attention(*args, **kwargs, enable_gqa=True)
 
 
 def test_step_bad_input() -> None:
     q, k, v = make_qkv(2, 4, 2, 1, 1, 6, 3)
     with pytest.raises(ValueError, match=r"takes one token.*L=3 and k length S=1"):
-        linear_attention_step(q.expand(2, 4, 3, 6), k, v, None)
+        linear_attention_step(q.expand(2, 4, 3, 6), k, v, None, enable_gqa=True)
     with pytest.raises(ValueError, match=r"state.S must have shape \[B, Hk, D', Ev\]"):
-        linear_attention_step(q, k, v, (torch.zeros(2, 2, 6, 4), torch.zeros(2, 2, 6)))
+        linear_attention_step(
+            q, k, v, (torch.zeros(2, 2, 6, 4), torch.zeros(2, 2, 6)), enable_gqa=True
+        )
     with pytest.raises(ValueError, match=r"H=4, k/v have Hk=3"):
-        linear_attention_step(q, torch.randn(2, 3, 1, 6), torch.randn(2, 3, 1, 3), None)
+        linear_attention_step(
+            q, torch.randn(2, 3, 1, 6), torch.randn(2, 3, 1, 3), None, enable_gqa=True
+        )
     with pytest.raises(ValueError, match="unknown feature map 'nope'"):
-        linear_attention_step(q, k, v, None, "nope")
+        linear_attention_step(q, k, v, None, "nope", enable_gqa=True)

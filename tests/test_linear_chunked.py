@@ -37,7 +37,8 @@ def _reference(q, k, v, phi, S0, z0, chunk, normalize, eps):
     acc = S0.dtype
     fq = phi(q.to(acc)).reshape(B, Hk, H // Hk, L, -1)
     fk = phi(k.to(acc))
-    o, st_ = _causal_chunked(fq, fk, v.to(acc), LinearAttentionState(S0, z0), chunk, normalize, eps)
+    state = LinearAttentionState(S0, z0)
+    o, st_ = _causal_chunked(fq, fk, v.to(acc), state, chunk, normalize, eps, phi)
     return o.reshape(B, H, L, M).to(q.dtype), st_.S, st_.z
 
 
@@ -226,9 +227,18 @@ def test_linear_attention_dispatches_to_fast_path_and_matches_kernel(name) -> No
     E = 5
     phi = _phi(name, E)
     q, k, v, _, _ = _inputs(2, 4, 2, 19, E, 3, phi.out_dim(E))
-    o, _ = attnkit.linear_attention(q, k, v, feature_map=phi, is_causal=True, chunk_size=4)
+    o, _ = attnkit.linear_attention(
+        q, k, v, feature_map=phi, is_causal=True, chunk_size=4, enable_gqa=True
+    )
     ref = attnkit.kernel_attention(
-        q, k, v, sim="linear", is_causal=True, sim_kwargs={"feature_map": phi}, eps=1e-6
+        q,
+        k,
+        v,
+        sim="linear",
+        is_causal=True,
+        sim_kwargs={"feature_map": phi},
+        eps=1e-6,
+        enable_gqa=True,
     )
     torch.testing.assert_close(o, ref, rtol=1e-9, atol=1e-9)
     g1 = torch.autograd.grad(o.square().sum(), (q, k, v))
@@ -355,19 +365,19 @@ def test_public_causal_path_uses_the_fast_function_unless_asked() -> None:
     def run(impl: str) -> int:
         return _saved_bytes(
             lambda: attnkit.linear_attention(
-                q, k, v, feature_map=phi, is_causal=True, implementation=impl
+                q, k, v, feature_map=phi, is_causal=True, implementation=impl, enable_gqa=True
             )
         )
 
     fast, ref = run("fast"), run("reference")
     assert fast < ref  # the reference keeps phi(q), phi(k); the fast path recomputes them
-    o_fast, _ = attnkit.linear_attention(q, k, v, feature_map=phi, is_causal=True)
+    o_fast, _ = attnkit.linear_attention(q, k, v, feature_map=phi, is_causal=True, enable_gqa=True)
     o_ref, _ = attnkit.linear_attention(
-        q, k, v, feature_map=phi, is_causal=True, implementation="reference"
+        q, k, v, feature_map=phi, is_causal=True, implementation="reference", enable_gqa=True
     )
     torch.testing.assert_close(o_fast, o_ref)
     with pytest.raises(ValueError, match="unknown implementation 'triton'"):
-        attnkit.linear_attention(q, k, v, is_causal=True, implementation="triton")
+        attnkit.linear_attention(q, k, v, is_causal=True, implementation="triton", enable_gqa=True)
 
 
 def test_trainable_feature_map_takes_the_reference_path() -> None:
@@ -386,6 +396,6 @@ def test_trainable_feature_map_takes_the_reference_path() -> None:
 
     phi = Scaled()
     q, k, v, _, _ = _inputs(1, 1, 1, 10, 3, 2, 3)
-    o, _ = attnkit.linear_attention(q, k, v, feature_map=phi, is_causal=True)
+    o, _ = attnkit.linear_attention(q, k, v, feature_map=phi, is_causal=True, enable_gqa=True)
     (gw,) = torch.autograd.grad(o.sum(), (phi.w,))
     assert gw.abs() > 0
