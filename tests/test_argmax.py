@@ -227,12 +227,25 @@ def test_gumbel_hard_outputs_exact_rows_of_v_and_is_the_sharp_limit_of_gumbel() 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_half_precision_hard_returns_exact_rows(dtype: torch.dtype) -> None:
+    """Half inputs select the key of the largest *exact* score and return its value row.
+
+    The expected rows come from an independent float64 argmax of the same half values
+    (not from the op's own cast). The second part separates scores that only a wider
+    dtype resolves: 1024 + 0.25 rounds to 1024 in fp16 (spacing 1) and bf16 (spacing 8),
+    so scores formed in the input dtype tie and pick key 0 instead of key 1.
+    """
     q, k, v = make_qkv(1, 2, 2, 5, 9, 24)
     qh, kh, vh = q.to(dtype), k.to(dtype), v.to(dtype)
     out = argmax_attention(qh, kh, vh)
     assert out.dtype == dtype
-    expected = argmax_attention(qh.float(), kh.float(), vh.float())
-    assert torch.equal(out.float(), expected)
+    scores = qh.double() @ kh.double().transpose(-2, -1)  # [1, 2, 5, 9], one head each
+    index = scores.argmax(-1, keepdim=True).expand(-1, -1, -1, vh.shape[-1])
+    assert torch.equal(out, torch.gather(vh, 2, index))
+
+    q2 = torch.tensor([[[[1.0, 1.0]]]], dtype=dtype)
+    k2 = torch.tensor([[[[1024.0, 0.0], [1024.0, 0.25]]]], dtype=dtype)
+    v2 = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]], dtype=dtype)
+    assert torch.equal(argmax_attention(q2, k2, v2), v2[:, :, 1:])
 
 
 # --- gradients ----------------------------------------------------------------------

@@ -7,7 +7,9 @@ query is seen (Katharopoulos et al. 2020, eq. 6)::
     V'_i = phi(Q_i) (sum_j phi(K_j)^T V_j) / phi(Q_i) (sum_j phi(K_j)^T)
 
 Every map is an ``nn.Module`` acting on the last axis ([..., D] -> [..., D'])
-and knows its output width through ``out_dim(D)``. Maps are chosen by name from a
+and knows its output width through ``out_dim(D)``. float16/bfloat16 inputs are mapped
+in float32 and rounded once to the input dtype (a feature outside that dtype's range
+raises ValueError); the attention ops call the maps on float32 copies anyway. Maps are chosen by name from a
 registry::
 
     phi = attnkit.feature_maps.get("polynomial", degree=2, c=1.0)
@@ -181,6 +183,9 @@ class EluPlusOne(FeatureMap):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
+        if x.dtype in (torch.float16, torch.bfloat16):
+            # elu(x) rounded and then + 1 rounded again loses up to 2 units near x = -1.4
+            return F.elu(x.float()).add_(1.0).to(x.dtype)
         return F.elu(x).add_(1.0)  # in place on the fresh elu output: one pass fewer
 
 
