@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Any
 
 import pytest
@@ -350,6 +351,16 @@ def _bad_cases() -> list[Any]:
         pytest.param({**ok, "tau": -1.0}, ValueError, r"tau must be", id="tau-negative"),
         pytest.param({**ok, "tau": float("nan")}, ValueError, r"tau must be", id="tau-nan"),
         pytest.param({**ok, "tau": "1"}, TypeError, r"tau must be a float", id="tau-str"),
+        pytest.param(
+            {**ok, "scale": -1.0},
+            ValueError,
+            r"scale must be a finite number > 0, got -1.0: a negative scale turns the argmax "
+            "into an argmin",
+            id="scale-negative",
+        ),
+        pytest.param({**ok, "scale": 0.0}, ValueError, r"scale must be .*> 0", id="scale-0"),
+        pytest.param({**ok, "scale": math.nan}, ValueError, r"scale must be", id="scale-nan"),
+        pytest.param({**ok, "scale": "2"}, TypeError, r"scale must be a float", id="scale-str"),
         pytest.param({**ok, "generator": 0}, TypeError, r"generator must be", id="generator"),
         pytest.param(
             {**ok, "q": torch.zeros(4, 3, 8)}, ValueError, r"q must have 4 dims", id="q-rank"
@@ -394,3 +405,20 @@ def test_bad_input_raises_naming_the_argument(
 ) -> None:
     with pytest.raises(error, match=match):
         argmax_attention(**kwargs)
+
+
+@pytest.mark.parametrize("mode", ARGMAX_MODES)
+def test_nan_scores_give_nan_rows_only(mode: str) -> None:
+    """NaN in one query row: that row is NaN in every mode (argmax would report some
+    index for it and return a finite value row); the other rows are unchanged."""
+    q, k, v = make_qkv(1, 2, 2, 5, 7, 4)
+    q[0, 1, 3, 0] = math.nan
+    g = torch.Generator().manual_seed(0)
+    out = argmax_attention(q, k, v, mode=mode, generator=g)
+    clean = q.clone()
+    clean[0, 1, 3] = 0.0
+    ref = argmax_attention(clean, k, v, mode=mode, generator=torch.Generator().manual_seed(0))
+    assert torch.isnan(out[0, 1, 3]).all()
+    keep = torch.ones_like(out, dtype=torch.bool)
+    keep[0, 1, 3] = False
+    torch.testing.assert_close(out[keep], ref[keep])

@@ -168,8 +168,9 @@ def argmax_attention(
 
     Non-finite values: a query whose scores contain NaN (NaN in q, or in a key it may
     attend) outputs NaN in every mode, rather than the value of whichever key
-    ``argmax`` happens to report for a NaN row; NaN in v reaches the rows that select
-    (or, in the soft modes, weigh) it. Finite inputs give finite outputs.
+    ``argmax`` happens to report for a NaN row. NaN in v reaches every row (the
+    weights, one-hot or masked, multiply every value row, and 0 * NaN is NaN), as in
+    torch's SDPA. Finite inputs give finite outputs.
 
     Shapes::
 

@@ -286,8 +286,8 @@ def kernel_attention(
     can reach 0, e.g. (q.k + 1)^2 at q.k = -1, needs ``eps``.
 
     Non-finite values: NaN or inf in q or k reach the denominators of the rows they
-    touch, which raises ValueError; NaN/inf in v propagates to the rows that attend to
-    it. Finite inputs never give a non-finite output: sims that overflow raise, and an
+    touch, which raises ValueError. NaN/inf in v is not checked: it reaches every row
+    (a masked weight is 0, and 0 * NaN is NaN in the product with v). Finite inputs never give a non-finite output: sims that overflow raise, and an
     fp16/bf16 output that would not fit its dtype raises ValueError naming the dtype.
     The checks are reductions over the B H L denominators (and the output for half
     dtypes); on a GPU they are queued with ``torch._assert_async`` (no host sync).
@@ -347,7 +347,7 @@ def kernel_attention(
             scores = scores + add
         if keep is not None:
             scores = scores.masked_fill(~keep, float("-inf"))
-        if normalize:
+        if normalize and S > 0:
             # exp(s - m) / sum exp(s - m) == exp(s) / sum exp(s): the shift cancels, so it
             # is detached (exactly zero gradient); a fully masked row keeps m = 0 and w = 0.
             m = scores.detach().amax(dim=-1, keepdim=True)

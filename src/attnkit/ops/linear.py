@@ -432,7 +432,9 @@ def linear_attention(
 
     Non-finite values: NaN or inf in q or k reach the denominators of the rows they
     touch (every row for a key, non-causal; the later rows, causal), which raises
-    ValueError; NaN/inf in v propagates to the output rows that attend to it. A
+    ValueError. NaN/inf in v_j is not checked: it reaches every row that attends to
+    it and, causal, also the earlier rows of its chunk (the masked intra-chunk
+    product forms 0 * v_j). A
     finite input never gives a non-finite output: overflow raises, and an fp16/bf16
     output that would not fit its dtype raises ValueError naming the dtype (only
     possible for signed maps or ``normalize=False``; a positive map's normalised
