@@ -9,8 +9,8 @@ query is seen (Katharopoulos et al. 2020, eq. 6)::
 Every map is an ``nn.Module`` acting on the last axis ([..., D] -> [..., D'])
 and knows its output width through ``out_dim(D)``. float16/bfloat16 inputs are mapped
 in float32 and rounded once to the input dtype (a feature outside that dtype's range
-raises ValueError); the attention ops call the maps on float32 copies anyway. Maps are chosen by name from a
-registry::
+raises ValueError); the attention ops call the maps on float32 copies anyway. Maps
+are chosen by name from a registry::
 
     phi = attnkit.feature_maps.get("polynomial", degree=2, c=1.0)
     phi.out_dim(16)   # C(16 + 2, 2) = 153

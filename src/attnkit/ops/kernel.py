@@ -287,8 +287,9 @@ def kernel_attention(
 
     Non-finite values: NaN or inf in q or k reach the denominators of the rows they
     touch, which raises ValueError. NaN/inf in v is not checked: it reaches every row
-    (a masked weight is 0, and 0 * NaN is NaN in the product with v). Finite inputs never give a non-finite output: sims that overflow raise, and an
-    fp16/bf16 output that would not fit its dtype raises ValueError naming the dtype.
+    (a masked weight is 0, and 0 * NaN is NaN in the product with v). Finite inputs
+    never give a non-finite output: sims that overflow raise, and an fp16/bf16 output
+    that would not fit its dtype raises ValueError naming the dtype.
     The checks are reductions over the B H L denominators (and the output for half
     dtypes); on a GPU they are queued with ``torch._assert_async`` (no host sync).
 
