@@ -453,7 +453,9 @@ def sequence_parallel_linear_attention(
             group). Group rank order is sequence order.
         normalize, eps, chunk_size, enable_gqa: as in :func:`attnkit.linear_attention`
             (``eps=None``: a denominator <= 0 or not finite raises ValueError on the
-            rank that holds it).
+            rank that holds it, after the forward exchange; the other ranks then wait
+            in the backward exchange until the process group's timeout, so where ranks
+            must not fail alone use a positive map or pass eps).
         output_final_state: also return the state after the *whole* sequence, the same
             on every rank (to continue decoding). Its gradient is the sum of what every
             rank passes back, as if each rank's loss were summed.
