@@ -391,7 +391,7 @@ def linear_attention(
             :class:`~attnkit.feature_maps.FeatureMap` instance (use an instance to share
             e.g. random features with other calls). A name of a map with random
             parameters (``"favor"``) means the seed-0 draw for width E, the same on
-            every call.
+            every call (and drawn on every call: pass an instance to avoid that).
         is_causal: query i sees keys j <= i. Needs L == S; decode with
             :func:`linear_attention_step` or by passing ``initial_state``.
         normalize: divide by phi(Q_i) . z (equation (6)); ``False`` returns the
