@@ -114,7 +114,7 @@ def _worker(rank: int, world: int, cfg: dict[str, Any]) -> list[dict[str, Any]]:
     """Time every (N, scan) on this rank; returns one record per case."""
     B, H, E, Ev = cfg["batch"], cfg["heads"], cfg["dim"], cfg["value_dim"]
     device = torch.device("cuda", torch.cuda.current_device()) if cfg["cuda"] else None
-    phi = feature_maps.get(cfg["feature_map"]).to(device)
+    phi = feature_maps.resolve(cfg["feature_map"], E).to(device)  # favor: seed-0 W of width E
     records = []
     for N in cfg["lengths"]:
         lo, hi = shard_bounds(N, world, rank)

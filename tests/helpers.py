@@ -23,3 +23,22 @@ def shape_id(s) -> str:
     """Readable parametrize id of a (B, H, Hk, L, S, E, Ev) shape."""
     B, H, Hk, L, S, E, Ev = s
     return f"B{B}-H{H}-Hk{Hk}-L{L}-S{S}-E{E}-Ev{Ev}"
+
+
+def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Elementwise distance in units in the last place between two float16/bfloat16 tensors.
+
+    The bit patterns, read as sign-magnitude integers and mapped onto one monotone
+    line (+0 and -0 both at 0), differ by the number of representable values between
+    a and b. 0 means equal, 1 means neighbours.
+    """
+    if a.dtype != b.dtype or a.dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(
+            f"ulp_distance needs two float16 or bfloat16 tensors, got {a.dtype}, {b.dtype}"
+        )
+
+    def key(x: torch.Tensor) -> torch.Tensor:
+        i = x.contiguous().view(torch.int16).int()
+        return torch.where(i < 0, -(i + 32768), i)
+
+    return (key(a) - key(b)).abs()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Any
 
 import pytest
@@ -227,12 +228,25 @@ def test_gumbel_hard_outputs_exact_rows_of_v_and_is_the_sharp_limit_of_gumbel() 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_half_precision_hard_returns_exact_rows(dtype: torch.dtype) -> None:
+    """Half inputs select the key of the largest *exact* score and return its value row.
+
+    The expected rows come from an independent float64 argmax of the same half values
+    (not from the op's own cast). The second part separates scores that only a wider
+    dtype resolves: 1024 + 0.25 rounds to 1024 in fp16 (spacing 1) and bf16 (spacing 8),
+    so scores formed in the input dtype tie and pick key 0 instead of key 1.
+    """
     q, k, v = make_qkv(1, 2, 2, 5, 9, 24)
     qh, kh, vh = q.to(dtype), k.to(dtype), v.to(dtype)
     out = argmax_attention(qh, kh, vh)
     assert out.dtype == dtype
-    expected = argmax_attention(qh.float(), kh.float(), vh.float())
-    assert torch.equal(out.float(), expected)
+    scores = qh.double() @ kh.double().transpose(-2, -1)  # [1, 2, 5, 9], one head each
+    index = scores.argmax(-1, keepdim=True).expand(-1, -1, -1, vh.shape[-1])
+    assert torch.equal(out, torch.gather(vh, 2, index))
+
+    q2 = torch.tensor([[[[1.0, 1.0]]]], dtype=dtype)
+    k2 = torch.tensor([[[[1024.0, 0.0], [1024.0, 0.25]]]], dtype=dtype)
+    v2 = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]], dtype=dtype)
+    assert torch.equal(argmax_attention(q2, k2, v2), v2[:, :, 1:])
 
 
 # --- gradients ----------------------------------------------------------------------
@@ -337,6 +351,16 @@ def _bad_cases() -> list[Any]:
         pytest.param({**ok, "tau": -1.0}, ValueError, r"tau must be", id="tau-negative"),
         pytest.param({**ok, "tau": float("nan")}, ValueError, r"tau must be", id="tau-nan"),
         pytest.param({**ok, "tau": "1"}, TypeError, r"tau must be a float", id="tau-str"),
+        pytest.param(
+            {**ok, "scale": -1.0},
+            ValueError,
+            r"scale must be a finite number > 0, got -1.0: a negative scale turns the argmax "
+            "into an argmin",
+            id="scale-negative",
+        ),
+        pytest.param({**ok, "scale": 0.0}, ValueError, r"scale must be .*> 0", id="scale-0"),
+        pytest.param({**ok, "scale": math.nan}, ValueError, r"scale must be", id="scale-nan"),
+        pytest.param({**ok, "scale": "2"}, TypeError, r"scale must be a float", id="scale-str"),
         pytest.param({**ok, "generator": 0}, TypeError, r"generator must be", id="generator"),
         pytest.param(
             {**ok, "q": torch.zeros(4, 3, 8)}, ValueError, r"q must have 4 dims", id="q-rank"
@@ -381,3 +405,20 @@ def test_bad_input_raises_naming_the_argument(
 ) -> None:
     with pytest.raises(error, match=match):
         argmax_attention(**kwargs)
+
+
+@pytest.mark.parametrize("mode", ARGMAX_MODES)
+def test_nan_scores_give_nan_rows_only(mode: str) -> None:
+    """NaN in one query row: that row is NaN in every mode (argmax would report some
+    index for it and return a finite value row); the other rows are unchanged."""
+    q, k, v = make_qkv(1, 2, 2, 5, 7, 4)
+    q[0, 1, 3, 0] = math.nan
+    g = torch.Generator().manual_seed(0)
+    out = argmax_attention(q, k, v, mode=mode, generator=g)
+    clean = q.clone()
+    clean[0, 1, 3] = 0.0
+    ref = argmax_attention(clean, k, v, mode=mode, generator=torch.Generator().manual_seed(0))
+    assert torch.isnan(out[0, 1, 3]).all()
+    keep = torch.ones_like(out, dtype=torch.bool)
+    keep[0, 1, 3] = False
+    torch.testing.assert_close(out[keep], ref[keep])

@@ -273,3 +273,26 @@ def test_linear_state_checks_max_len_batch_and_shapes() -> None:
     with pytest.raises(ValueError, match=r"z must have shape \[B, Hk, D'\] = \[2, 3, 7\]"):
         LinearState().advance((S, z[..., :6]), 1)
     assert state.seq_len == 5
+
+
+def test_linear_state_keeps_the_accumulation_dtype_of_its_inputs() -> None:
+    """dtype=float64 means float64 states; a float32 one is refused, not silently kept."""
+    S32, z32 = torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3)
+    state = LinearState(1, 2, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"holds the state of torch.float64 inputs, kept in"):
+        state.advance((S32, z32), 1)
+    state.advance((S32.double(), z32.double()), 1)
+    half = LinearState(1, 2, dtype=torch.bfloat16)  # bf16 inputs accumulate in fp32
+    half.advance((S32, z32), 1)
+    with pytest.raises(TypeError, match=r"got S of dtype torch.bfloat16"):
+        half.advance((S32.bfloat16(), z32.bfloat16()), 1)
+    LinearState(1, 2).advance((S32.double(), z32.double()), 1)  # no dtype: not checked
+    with pytest.raises(TypeError, match=r"dtype must be a floating torch\.dtype"):
+        LinearState(dtype=torch.int32)
+
+
+def test_linear_layer_decoding_into_a_float64_cache_of_a_float32_model_raises() -> None:
+    mha = MultiHeadAttention(8, 2, backend="linear", is_causal=True)
+    cache = mha.new_cache(1, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"kept in torch\.float64; got S of dtype torch\.float32"):
+        mha(torch.randn(1, 1, 8), cache=cache)

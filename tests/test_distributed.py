@@ -10,7 +10,8 @@ failures (empty when all agree).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -92,7 +93,14 @@ def _one_case(
     # Single-process reference (the whole sequence: only the test does this).
     qf, kf, vf = (t.clone().requires_grad_(True) for t in (q, k, v))
     o_ref, st_ref = linear_attention(
-        qf, kf, vf, phi, is_causal=True, normalize=normalize, output_final_state=True
+        qf,
+        kf,
+        vf,
+        phi,
+        is_causal=True,
+        normalize=normalize,
+        output_final_state=True,
+        enable_gqa=True,
     )
     assert st_ref is not None
     ((o_ref * cot).sum() + (st_ref.S * cS).sum() + (st_ref.z * cz).sum()).backward()
@@ -110,6 +118,7 @@ def _one_case(
         chunk_size=chunk_size,
         output_final_state=True,
         scan=scan,
+        enable_gqa=True,
     )
     assert st is not None
     loss = (o * cot[:, :, start:stop]).sum()
@@ -275,3 +284,35 @@ def test_needs_an_initialised_process_group() -> None:
 def test_launch_local_rejects_bad_world_size() -> None:
     with pytest.raises(ValueError, match="world_size must be a positive int"):
         launch_local(equivalence_worker, 0)
+
+
+@pytest.fixture
+def one_rank_group(tmp_path: Path) -> Iterator[None]:
+    """A gloo process group of this one process (no spawn), destroyed afterwards."""
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sequence_parallel_follows_the_denominator_and_gqa_policy(one_rank_group) -> None:
+    """Signed denominators raise unless eps is given; H != Hk needs enable_gqa, as in sdpa."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 9, 4, generator=g) for _ in range(3))
+    with pytest.raises(ValueError, match=r"rows have a denominator <= 0.*eps="):
+        sequence_parallel_linear_attention(q, k, v, "identity")
+    o, _ = sequence_parallel_linear_attention(q, k, v, "identity", eps=1e-6)
+    ref, _ = linear_attention(q, k, v, "identity", is_causal=True, eps=1e-6)
+    torch.testing.assert_close(o, ref)
+    with pytest.raises(ValueError, match=r"q has 2 heads but k/v have 1; pass enable_gqa=True"):
+        sequence_parallel_linear_attention(q, k[:, :1], v[:, :1])
+    o, _ = sequence_parallel_linear_attention(q, k[:, :1], v[:, :1], enable_gqa=True)
+    ref, _ = linear_attention(q, k[:, :1], v[:, :1], is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(o, ref)
+    # By name, favor is the seed-0 projection of the input width on every rank.
+    o, _ = sequence_parallel_linear_attention(q, k, v, "favor")
+    ref, _ = linear_attention(q, k, v, feature_maps.get("favor", dim=4, seed=0), is_causal=True)
+    torch.testing.assert_close(o, ref)

@@ -24,6 +24,7 @@ from attnkit.feature_maps import (
     _children,
     _gaussian_projection,
 )
+from helpers import ulp_distance
 
 ALL_MAPS = feature_maps.available()
 POSITIVE_MAPS = [n for n in ALL_MAPS if feature_maps.get(n).positive]
@@ -35,6 +36,11 @@ F64 = torch.float64
 def _randn(*shape: int, seed: int, dtype: torch.dtype = F64, scale: float = 1.0) -> Tensor:
     g = torch.Generator().manual_seed(seed)
     return (scale * torch.randn(*shape, generator=g, dtype=F64)).to(dtype)
+
+
+def _build(name: str, d: int) -> FeatureMap:
+    """The map ``name`` ready for inputs of width d (favor: the seed-0 projection)."""
+    return feature_maps.resolve(name, d)
 
 
 def _sim(phi: nn.Module, q: Tensor, k: Tensor) -> Tensor:
@@ -66,7 +72,7 @@ def test_get_builds_an_nn_module(name: str) -> None:
 @pytest.mark.parametrize("name", ALL_MAPS)
 @pytest.mark.parametrize("d", WIDTHS, ids=lambda d: f"D{d}")
 def test_width_matches_out_dim_with_leading_dims(name: str, d: int) -> None:
-    phi = feature_maps.get(name)
+    phi = _build(name, d)
     x = _randn(2, 3, 5, d, seed=d, dtype=torch.float32)
     y = phi(x)
     assert y.shape == (2, 3, 5, phi.out_dim(d))
@@ -78,22 +84,26 @@ def test_width_matches_out_dim_with_leading_dims(name: str, d: int) -> None:
 @pytest.mark.parametrize("name", ALL_MAPS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_dtypes(name: str, dtype: torch.dtype) -> None:
-    phi = feature_maps.get(name)
+    phi = _build(name, 6)
     x64 = _randn(4, 7, 6, seed=1, scale=0.5)
     ref = phi(x64)
     y = phi(x64.to(dtype))
     assert y.dtype == dtype
     assert y.shape == ref.shape
-    tol = {torch.float16: 1e-2, torch.bfloat16: 5e-2, torch.float32: 1e-5, torch.float64: 1e-12}
-    # The input rounding alone moves the features by ~tol; compare against the rounded input.
-    torch.testing.assert_close(
-        y.to(F64), phi(x64.to(dtype).to(F64)), rtol=tol[dtype], atol=tol[dtype]
-    )
+    # Against the float64 features of the same (rounded) input: half dtypes within one
+    # unit in the last place of a single rounding (products formed in the input dtype
+    # and rounded at every step miss that by several units), wider ones to their rounding.
+    exact = phi(x64.to(dtype).to(F64))
+    if dtype in (torch.float16, torch.bfloat16):
+        assert ulp_distance(y, exact.to(dtype)).max() <= 1
+    else:
+        tol = {torch.float32: 1e-6, torch.float64: 1e-12}[dtype]
+        torch.testing.assert_close(y.to(F64), exact, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("name", POSITIVE_MAPS)
 def test_positive_maps_have_positive_similarity(name: str) -> None:
-    phi = feature_maps.get(name)
+    phi = _build(name, 16)
     q = _randn(512, 16, seed=2, scale=0.5)
     k = _randn(512, 16, seed=3, scale=0.5)
     assert (_sim(phi, q, k) > 0).all()
@@ -321,7 +331,7 @@ def _small_pairs(n: int, d: int, norm: float, seed: int) -> tuple[Tensor, Tensor
 def _rms_rel_error(m: int, d: int, orthogonal: bool, redraws: int, seed: int) -> float:
     q, k = _small_pairs(64, d, 0.5, seed=7)
     exact = torch.exp((q * k).sum(-1))
-    phi = Favor(num_features=m, dim=d, orthogonal=orthogonal)
+    phi = Favor(num_features=m, dim=d, orthogonal=orthogonal, input_scale=1.0)
     gen = torch.Generator().manual_seed(seed)
     sq = []
     for _ in range(redraws):
@@ -335,7 +345,7 @@ def test_favor_is_unbiased(orthogonal: bool) -> None:
     d, redraws = 8, 400
     q, k = _small_pairs(32, d, 0.5, seed=11)
     exact = torch.exp((q * k).sum(-1))
-    phi = Favor(num_features=64, dim=d, orthogonal=orthogonal)
+    phi = Favor(num_features=64, dim=d, orthogonal=orthogonal, input_scale=1.0)
     gen = torch.Generator().manual_seed(3)
     total = torch.zeros_like(exact)
     for _ in range(redraws):
@@ -381,15 +391,20 @@ def test_favor_orthogonal_rows_are_orthogonal_gaussians() -> None:
     assert abs(float(sq.mean()) - d) < 0.2 and abs(float(sq.var()) / (2 * d) - 1) < 0.1
 
 
-def test_favor_seeded_reproducible_and_lazy_equals_eager() -> None:
-    x = _randn(3, 5, seed=0, dtype=torch.float32)
-    a, b = Favor(num_features=12, dim=5, seed=4), Favor(num_features=12, seed=4)
-    assert b.projection is None
-    torch.testing.assert_close(a(x), b(x))
+def test_favor_seeded_reproducible_and_layers_differ() -> None:
+    a, b = Favor(num_features=12, dim=5, seed=4), Favor(num_features=12, dim=5, seed=4)
     assert a.projection is not None and b.projection is not None
     assert torch.equal(a.projection, b.projection)
     c = Favor(num_features=12, dim=5, seed=5)
-    assert not torch.equal(a.projection, c.projection)
+    assert not torch.equal(a.projection, c.projection)  # type: ignore[arg-type]
+    # seed=None (the default) draws from the global RNG: two maps built one after the
+    # other differ, and the same global seed reproduces both.
+    torch.manual_seed(0)
+    d, e = Favor(num_features=12, dim=5), Favor(num_features=12, dim=5)
+    torch.manual_seed(0)
+    d2 = Favor(num_features=12, dim=5)
+    assert not torch.equal(d.projection, e.projection)  # type: ignore[arg-type]
+    assert torch.equal(d.projection, d2.projection)  # type: ignore[arg-type]
 
 
 def test_favor_redraw() -> None:
@@ -407,26 +422,32 @@ def test_favor_redraw() -> None:
     p, q = Favor(num_features=10, dim=4, seed=1), Favor(num_features=10, dim=4, seed=1)
     p.redraw(), q.redraw()
     assert torch.equal(p.projection, q.projection)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="width is not known"):
+    with pytest.raises(ValueError, match="has no projection"):
         Favor(num_features=4).redraw()
 
 
-def test_favor_lazy_buffer_in_state_dict_and_moves() -> None:
-    phi = Favor(num_features=8)
-    assert "projection" not in phi.state_dict()
-    phi(_randn(2, 3, seed=0, dtype=torch.float32))
+def test_favor_projection_exists_from_construction_never_drawn_in_forward() -> None:
+    """The width is known at construction: no buffer appears inside forward."""
+    phi = Favor(num_features=8, dim=3, seed=0)
     assert phi.state_dict()["projection"].shape == (8, 3)
     assert [n for n, _ in phi.named_buffers()] == ["projection"]
     phi.to(F64)
     assert phi.projection is not None and phi.projection.dtype == F64
     phi.to("meta")
     assert phi.projection is not None and phi.projection.device.type == "meta"
-    # A lazy module adopts a saved projection.
+    # Without dim there is no projection; calling the map raises instead of drawing one.
+    bare = Favor(num_features=8)
+    assert "projection" not in bare.state_dict()
+    with pytest.raises(ValueError, match=r"favor map has no projection: build it with dim=3"):
+        bare(_randn(2, 3, seed=0, dtype=torch.float32))
+    assert bare.projection is None
+    # It adopts a saved projection (loading is construction, not a forward).
     src = Favor(num_features=8, dim=3, seed=123)
-    dst = Favor(num_features=8, seed=0)
-    dst.load_state_dict(src.state_dict())
-    assert dst.projection is not None and src.projection is not None
-    assert torch.equal(dst.projection, src.projection)
+    bare.load_state_dict(src.state_dict())
+    assert bare.projection is not None and src.projection is not None
+    assert torch.equal(bare.projection, src.projection)
+    x = _randn(2, 3, seed=0, dtype=torch.float32)
+    torch.testing.assert_close(bare(x), src(x))
 
 
 def test_favor_width_mismatch() -> None:
@@ -434,11 +455,7 @@ def test_favor_width_mismatch() -> None:
     with pytest.raises(ValueError, match=r"D=5.*width 4"):
         phi(torch.randn(2, 5))
     with pytest.raises(ValueError, match="D >= 1"):
-        Favor(num_features=8)(torch.randn(2, 0))
-    lazy = Favor(num_features=8)
-    lazy(torch.randn(2, 3))
-    with pytest.raises(ValueError, match=r"D=6.*width 3"):
-        lazy(torch.randn(2, 6))
+        Favor(num_features=8, dim=2)(torch.randn(2, 0))
 
 
 def test_favor_half_inputs_are_computed_in_fp32() -> None:
@@ -464,18 +481,52 @@ def test_favor_validation(kwargs: dict[str, object], error: type[Exception], mat
         feature_maps.get("favor", **kwargs)
 
 
-def test_favor_input_scale_targets_softmax_kernel() -> None:
+def test_favor_default_scale_targets_softmax_kernel() -> None:
+    """Default input scale D^{-1/4}: phi(q).phi(k) estimates exp(q.k / sqrt(D)), as Performer."""
     d = 4
     x = _randn(5, d, seed=0)
-    scaled = Favor(num_features=32, dim=d, input_scale=d**-0.25, seed=0).double()
-    plain = Favor(num_features=32, dim=d, seed=0).double()
-    torch.testing.assert_close(scaled(x), plain(x * d**-0.25))
-    # With many features one draw is already close to softmax's exp(q.k / sqrt(D)).
-    big = Favor(num_features=8192, dim=d, input_scale=d**-0.25, seed=0)
+    default = Favor(num_features=32, dim=d, seed=0).double()
+    assert default.input_scale is None and default.scale(d) == d**-0.25
+    plain = Favor(num_features=32, dim=d, input_scale=1.0, seed=0).double()
+    torch.testing.assert_close(default(x), plain(x * d**-0.25))
+    # With many features one draw is already close to softmax's exp(q.k / sqrt(D)); with
+    # scale 1 (the old default) it estimates exp(q.k), 20-50% away for these pairs.
+    big = Favor(num_features=8192, dim=d, seed=0)
     q, k = _small_pairs(64, d, 1.0, seed=5)
     expected = torch.exp((q * k).sum(-1) / math.sqrt(d))
     rms = float((((_sim(big, q, k) - expected) / expected) ** 2).mean().sqrt())
     assert rms < 0.05, rms  # per-pair std is at most sqrt((e^2 - 1) / 8192) ~ 0.028
+
+
+def test_favor_query_features_are_phi_times_a_positive_row_factor() -> None:
+    """query_features = c(x) phi(x), c > 0 per row, largest feature exactly 1.
+
+    A factor that varied across features would not cancel in phi(q) S / phi(q) . z.
+    """
+    phi = Favor(num_features=64, dim=16, seed=0).double()
+    x = _randn(50, 16, seed=1, scale=3.0)
+    qf, f = phi.query_features(x), phi(x)
+    ratio = qf / f
+    torch.testing.assert_close(ratio, ratio[:, :1].expand_as(ratio), rtol=1e-10, atol=0)
+    assert (ratio > 0).all()
+    torch.testing.assert_close(qf.amax(-1), torch.ones(50, dtype=F64), rtol=0, atol=0)
+    # Far out of range for the unbiased form (every logit below -87 in float32) the
+    # query features still have a largest entry of exactly 1.
+    big = _randn(4, 16, seed=2, scale=8.0).float()
+    phi32 = Favor(num_features=64, dim=16, input_scale=1.0, seed=0)
+    assert (phi32(big) == 0).all()
+    assert torch.equal(phi32.query_features(big).amax(-1), torch.ones(4))
+
+
+def test_favor_half_output_out_of_range_raises() -> None:
+    """Unbiased features above 65504 would be inf in float16: a clear error instead."""
+    phi = Favor(num_features=16, dim=64, input_scale=1.0, seed=0)
+    w = phi.projection
+    assert w is not None
+    x = w[:2].half()  # x = w_r: feature r is exp(|w_r|^2 / 2) / 4 ~ e^32 / 4
+    with pytest.raises(ValueError, match=r"outside the range of torch.float16"):
+        phi(x)
+    assert torch.isfinite(phi(x / 16)).all()
 
 
 # --------------------------------------------------------------------------------------

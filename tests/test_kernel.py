@@ -13,9 +13,8 @@ import torch
 import torch.nn.functional as F
 
 import attnkit
-from attnkit import feature_maps
 from attnkit.ops.kernel import LogSimilarity, get_similarity, kernel_attention, similarities
-from helpers import make_qkv, shape_id
+from helpers import make_qkv, shape_id, ulp_distance
 
 F64 = torch.float64
 DTYPES = [torch.float32, torch.float64]
@@ -86,7 +85,7 @@ def test_softmax_equals_torch_sdpa(shape, is_causal, dtype) -> None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, enable_gqa=H != Hk)
 
     def ours(q, k, v):
-        return kernel_attention(q, k, v, sim="softmax", is_causal=is_causal)
+        return kernel_attention(q, k, v, sim="softmax", is_causal=is_causal, enable_gqa=True)
 
     assert_same_with_grads(ours, ref, q, k, v, **tol(dtype))
 
@@ -115,7 +114,7 @@ def test_softmax_masks_equal_torch_sdpa(mask_kind, dtype) -> None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
     def ours(q, k, v):
-        return kernel_attention(q, k, v, attn_mask=mask)
+        return kernel_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
     assert_same_with_grads(ours, ref, q, k, v, **tol(dtype))
 
@@ -127,7 +126,12 @@ def test_causal_lower_right_equals_explicit_mask(LS) -> None:
     keep = torch.ones(L, S, dtype=torch.bool).tril(diagonal=S - L)
     empty = ~keep.any(-1)  # L > S: the first L - S queries see no key at all
     out = kernel_attention(
-        q, k, v, is_causal=True, causal_alignment="lower_right", eps=1e-30 if empty.any() else None
+        q,
+        k,
+        v,
+        is_causal=True,
+        causal_alignment="lower_right",
+        enable_gqa=True,
     )
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, enable_gqa=True)
     torch.testing.assert_close(out, ref, **tol(F64))
@@ -140,8 +144,10 @@ def test_causal_and_mask_combine() -> None:
     mask = torch.rand(2, 1, 8, 8) > 0.4
     mask[..., 0] = True
     keep = mask & torch.ones(8, 8, dtype=torch.bool).tril()
-    out = kernel_attention(q, k, v, attn_mask=mask, is_causal=True)
-    torch.testing.assert_close(out, kernel_attention(q, k, v, attn_mask=keep), **tol(F64))
+    out = kernel_attention(q, k, v, attn_mask=mask, is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(
+        out, kernel_attention(q, k, v, attn_mask=keep, enable_gqa=True), **tol(F64)
+    )
 
 
 def test_float_neginf_mask_equals_bool_mask() -> None:
@@ -150,15 +156,15 @@ def test_float_neginf_mask_equals_bool_mask() -> None:
     keep[:, 0] = True
     additive = torch.zeros(6, 7, dtype=F64).masked_fill(~keep, float("-inf"))
     for sim in ("softmax", "polynomial", "linear"):
-        a = kernel_attention(q.abs(), k.abs(), v, sim=sim, attn_mask=keep)
-        b = kernel_attention(q.abs(), k.abs(), v, sim=sim, attn_mask=additive)
+        a = kernel_attention(q.abs(), k.abs(), v, sim=sim, attn_mask=keep, enable_gqa=True)
+        b = kernel_attention(q.abs(), k.abs(), v, sim=sim, attn_mask=additive, enable_gqa=True)
         torch.testing.assert_close(a, b, **tol(F64))
 
 
 def test_float_mask_multiplies_similarity_by_exp() -> None:
     q, k, v = make_qkv(1, 1, 1, 5, 6, 4, 3, dtype=F64, positive=True)
     mask = torch.randn(5, 6, dtype=F64)
-    out = kernel_attention(q, k, v, sim="polynomial", attn_mask=mask)
+    out = kernel_attention(q, k, v, sim="polynomial", attn_mask=mask, enable_gqa=True)
     w = (q @ k.transpose(-2, -1) + 1) ** 2 * mask.exp()
     torch.testing.assert_close(out, (w @ v) / w.sum(-1, keepdim=True), **tol(F64))
 
@@ -166,14 +172,14 @@ def test_float_mask_multiplies_similarity_by_exp() -> None:
 def test_softmax_is_stable_for_large_scores() -> None:
     q, k, v = make_qkv(1, 2, 2, 9, 9, 8, 4)
     q = q * 300.0  # exp(q.k / sqrt(E)) overflows fp32 without the row-max shift
-    out = kernel_attention(q, k, v, is_causal=True)
+    out = kernel_attention(q, k, v, is_causal=True, enable_gqa=True)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
 
 
 def test_softmax_scale_option() -> None:
     q, k, v = make_qkv(1, 2, 2, 5, 6, 4, 3, dtype=F64)
-    out = kernel_attention(q, k, v, sim_kwargs={"scale": 0.3})
+    out = kernel_attention(q, k, v, sim_kwargs={"scale": 0.3}, enable_gqa=True)
     ref = F.scaled_dot_product_attention(q, k, v, scale=0.3)
     torch.testing.assert_close(out, ref, **tol(F64))
 
@@ -182,20 +188,19 @@ def test_softmax_equals_attnkit_sdpa() -> None:
     q, k, v = make_qkv(2, 4, 2, 9, 11, 6, 5, dtype=F64)
     mask = torch.rand(2, 1, 9, 11) > 0.3
     mask[..., 0] = True
-    try:
-        ref = attnkit.sdpa(q, k, v, attn_mask=mask, enable_gqa=True)
-    except NotImplementedError:
-        pytest.skip("attnkit.sdpa is not implemented yet")
+    ref = attnkit.sdpa(q, k, v, attn_mask=mask, enable_gqa=True)
 
     def ours(q, k, v):
-        return kernel_attention(q, k, v, attn_mask=mask, is_causal=True)
+        return kernel_attention(q, k, v, attn_mask=mask, is_causal=True, enable_gqa=True)
 
     def theirs(q, k, v):
         return attnkit.sdpa(q, k, v, attn_mask=mask, is_causal=True, enable_gqa=True)
 
-    torch.testing.assert_close(kernel_attention(q, k, v, attn_mask=mask), ref, **tol(F64))
+    torch.testing.assert_close(
+        kernel_attention(q, k, v, attn_mask=mask, enable_gqa=True), ref, **tol(F64)
+    )
     assert_same_with_grads(ours, theirs, q, k, v, **tol(F64))
-    lr = kernel_attention(q, k, v, is_causal=True, causal_alignment="lower_right")
+    lr = kernel_attention(q, k, v, is_causal=True, causal_alignment="lower_right", enable_gqa=True)
     ref = attnkit.sdpa(q, k, v, is_causal=True, enable_gqa=True, causal_alignment="lower_right")
     torch.testing.assert_close(lr, ref, **tol(F64))
 
@@ -213,7 +218,9 @@ def test_polynomial_sim_equals_formula(degree_c, dtype) -> None:
     kh = k.expand(2, 2, 9, 5)
     w = (q @ kh.transpose(-2, -1) + c) ** degree
     ref = (w @ v.expand(2, 2, 9, 3)) / w.sum(-1, keepdim=True)
-    out = kernel_attention(q, k, v, sim="polynomial", sim_kwargs={"degree": degree, "c": c})
+    out = kernel_attention(
+        q, k, v, sim="polynomial", sim_kwargs={"degree": degree, "c": c}, enable_gqa=True
+    )
     torch.testing.assert_close(out, ref, **tol(dtype))
 
 
@@ -221,24 +228,28 @@ def test_gaussian_sim_equals_formula() -> None:
     q, k, v = make_qkv(1, 2, 2, 6, 8, 4, 3, dtype=F64)
     d2 = ((q.unsqueeze(-2) - k.unsqueeze(-3)) ** 2).sum(-1)
     w = torch.exp(-0.5 * d2 / math.sqrt(4))
-    out = kernel_attention(q, k, v, sim="gaussian")
+    out = kernel_attention(q, k, v, sim="gaussian", enable_gqa=True)
     torch.testing.assert_close(out, (w @ v) / w.sum(-1, keepdim=True), **tol(F64))
     # It is softmax attention with per-key logit bias -||k||^2 / (2 sqrt(E)).
     bias = (-0.5 * (k * k).sum(-1) / 2.0).unsqueeze(-2)
-    torch.testing.assert_close(out, kernel_attention(q, k, v, attn_mask=bias), **tol(F64))
+    torch.testing.assert_close(
+        out, kernel_attention(q, k, v, attn_mask=bias, enable_gqa=True), **tol(F64)
+    )
 
 
 def test_taylor_map_equals_its_kernel() -> None:
-    if "taylor" not in feature_maps.available():
-        pytest.skip("taylor feature map not registered")
     q, k, v = make_qkv(2, 2, 1, 7, 9, 6, 3, dtype=F64)
 
     def taylor(q, k):
         s = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
         return 1 + s + s * s / 2
 
-    out = kernel_attention(q, k, v, sim="linear", sim_kwargs={"feature_map": "taylor"})
-    torch.testing.assert_close(out, kernel_attention(q, k, v, sim=taylor), **tol(F64))
+    out = kernel_attention(
+        q, k, v, sim="linear", sim_kwargs={"feature_map": "taylor"}, enable_gqa=True
+    )
+    torch.testing.assert_close(
+        out, kernel_attention(q, k, v, sim=taylor, enable_gqa=True), **tol(F64)
+    )
 
 
 def test_callable_sim_sees_expanded_heads_and_equals_registered() -> None:
@@ -249,21 +260,25 @@ def test_callable_sim_sees_expanded_heads_and_equals_registered() -> None:
         seen.append((tuple(q.shape), tuple(k.shape)))
         return torch.exp(q @ k.transpose(-2, -1) / 2.0)
 
-    out = kernel_attention(q, k, v, sim=sim)
+    out = kernel_attention(q, k, v, sim=sim, enable_gqa=True)
     assert seen == [((2, 6, 5, 4), (2, 6, 7, 4))]
-    torch.testing.assert_close(out, kernel_attention(q, k, v), **tol(F64))
+    torch.testing.assert_close(out, kernel_attention(q, k, v, enable_gqa=True), **tol(F64))
     log = LogSimilarity(lambda q, k: q @ k.transpose(-2, -1) / 2.0)
-    torch.testing.assert_close(kernel_attention(q, k, v, sim=log), out, **tol(F64))
+    torch.testing.assert_close(kernel_attention(q, k, v, sim=log, enable_gqa=True), out, **tol(F64))
 
 
 def test_normalize_false_returns_numerator() -> None:
     q, k, v = make_qkv(1, 2, 1, 6, 8, 4, 3, dtype=F64, positive=True)
     w = (q @ k.transpose(-2, -1) + 1) ** 2
-    num = kernel_attention(q, k, v, sim="polynomial", normalize=False, is_causal=True)
+    num = kernel_attention(
+        q, k, v, sim="polynomial", normalize=False, is_causal=True, enable_gqa=True
+    )
     w = w.masked_fill(~torch.ones(6, 8, dtype=torch.bool).tril(), 0)
     torch.testing.assert_close(num, w @ v, **tol(F64))
     s = torch.exp(q @ k.transpose(-2, -1) / 2.0)
-    torch.testing.assert_close(kernel_attention(q, k, v, normalize=False), s @ v, **tol(F64))
+    torch.testing.assert_close(
+        kernel_attention(q, k, v, normalize=False, enable_gqa=True), s @ v, **tol(F64)
+    )
 
 
 # ----------------------------------------------------------------------------- denominators
@@ -280,49 +295,77 @@ def _zero_denominator_inputs():
 def test_zero_denominator_raises_with_row_count() -> None:
     q, k, v = _zero_denominator_inputs()
     with pytest.raises(ValueError, match=r"1 of 4 rows have a denominator <= 0.*eps="):
-        kernel_attention(q, k, v, sim="polynomial")
+        kernel_attention(q, k, v, sim="polynomial", enable_gqa=True)
     # Two query heads and a batch of two: the count is over all B * H * L rows.
     q2 = q.expand(2, 2, 4, 2)
     with pytest.raises(ValueError, match=r"4 of 16 rows have a denominator <= 0"):
-        kernel_attention(q2, k.expand(2, 1, 1, 2), v.expand(2, 1, 1, 3), sim="polynomial")
+        kernel_attention(
+            q2, k.expand(2, 1, 1, 2), v.expand(2, 1, 1, 3), sim="polynomial", enable_gqa=True
+        )
 
 
 def test_zero_denominator_with_eps_is_finite() -> None:
     q, k, v = _zero_denominator_inputs()
-    out = kernel_attention(q, k, v, sim="polynomial", eps=1e-6)
+    out = kernel_attention(q, k, v, sim="polynomial", eps=1e-6, enable_gqa=True)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out[0, 0, 0], torch.zeros(3))
     torch.testing.assert_close(out[0, 0, 1:], v[0, 0].expand(3, 3))
 
 
-def test_fully_masked_row_raises_and_eps_gives_zero_like_sdpa() -> None:
-    q, k, v = make_qkv(1, 1, 1, 3, 4, 4, 2)
-    mask = torch.ones(3, 4, dtype=torch.bool)
-    mask[1] = False
-    with pytest.raises(ValueError, match="1 of 3 rows"):
-        kernel_attention(q, k, v, attn_mask=mask)
-    out = kernel_attention(q, k, v, attn_mask=mask, eps=1e-6)
-    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+@pytest.mark.parametrize("eps", [None, 1e-6], ids=["eps-None", "eps"])
+@pytest.mark.parametrize("kind", ["bool", "float"])
+@pytest.mark.parametrize("sim", ["softmax", "polynomial"])
+def test_fully_masked_row_gives_zero_like_sdpa(sim, kind, eps) -> None:
+    """A row with no key to attend is 0 (as attnkit.sdpa), not an error, with or without eps.
+
+    Only rows that may attend some key are held to the denominator check.
+    """
+    q, k, v = make_qkv(1, 1, 1, 3, 4, 4, 2, dtype=F64, positive=True)
+    keep = torch.ones(3, 4, dtype=torch.bool)
+    keep[1] = False
+    mask = keep if kind == "bool" else torch.zeros(3, 4, dtype=F64).masked_fill(~keep, -math.inf)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = kernel_attention(q, k, v, sim=sim, attn_mask=mask, eps=eps)
+    assert torch.equal(out[0, 0, 1], torch.zeros(2, dtype=F64))
+    if sim == "softmax":
+        torch.testing.assert_close(out, attnkit.sdpa(q, k, v, attn_mask=mask))
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert torch.equal(grads[0][0, 0, 1], torch.zeros(4, dtype=F64))
+    # A row that may attend keys but whose weights sum to 0 still raises without eps.
+    z = torch.zeros_like(q.detach())
+    with pytest.raises(ValueError, match="2 of 3 rows have a denominator <= 0"):
+        kernel_attention(z, k, v, sim="polynomial", sim_kwargs={"c": 0.0}, attn_mask=mask)
 
 
 def test_negative_denominator_of_non_positive_map_raises() -> None:
     q, k, v = make_qkv(1, 1, 1, 6, 6, 4, 2, dtype=F64)
     q, k = q.abs(), -k.abs()  # identity map: phi(q).phi(k) = q.k < 0 for every pair
     with pytest.raises(ValueError, match=r"6 of 6 rows.*smallest -"):
-        kernel_attention(q, k, v, sim="linear", sim_kwargs={"feature_map": "identity"})
+        kernel_attention(
+            q, k, v, sim="linear", sim_kwargs={"feature_map": "identity"}, enable_gqa=True
+        )
 
 
 # ----------------------------------------------------------------------------- dtypes
 
 
+@pytest.mark.parametrize("sim", ["softmax", "linear", "polynomial"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
-def test_half_inputs_accumulate_in_fp32(dtype) -> None:
-    q, k, v = make_qkv(1, 2, 1, 64, 300, 8, 8, dtype=dtype)
-    for sim in ("softmax", "linear"):
-        out = kernel_attention(q, k, v, sim=sim)
-        assert out.dtype == dtype
-        ref = kernel_attention(q.float(), k.float(), v.float(), sim=sim)
-        torch.testing.assert_close(out.float(), ref, rtol=0, atol=1e-2)
+def test_half_inputs_are_computed_in_fp32_and_rounded_once(dtype, sim) -> None:
+    """A half call equals the float32 computation on the same (half) values, rounded once.
+
+    Every entry is within one unit in the last place of that rounding (in practice
+    equal). Computing the similarities or the sums over the S = 2048 keys in the input
+    dtype instead rounds w, the numerator and the denominator each to 8 (bf16) or 11
+    (fp16) bits and misses that by up to tens of units, so this fails.
+    """
+    q, k, v = make_qkv(1, 2, 1, 64, 2048, 8, 8)
+    q, k, v = q.to(dtype), k.to(dtype), (v + 3.0).to(dtype)  # nonzero mean: |o| ~ 3
+    out = kernel_attention(q, k, v, sim=sim, enable_gqa=True)
+    assert out.dtype == dtype
+    ref = kernel_attention(q.float(), k.float(), v.float(), sim=sim, enable_gqa=True)
+    assert ulp_distance(out, ref.to(dtype)).max() <= 1
 
 
 # ----------------------------------------------------------------------------- gradcheck
@@ -344,12 +387,16 @@ def test_gradcheck(sim, kwargs, positive) -> None:
     q, k, v = (t.requires_grad_(True) for t in (q, k, v))
 
     def fn(q, k, v):
-        return kernel_attention(q, k, v, sim=sim, sim_kwargs=kwargs, attn_mask=mask)
+        return kernel_attention(
+            q, k, v, sim=sim, sim_kwargs=kwargs, attn_mask=mask, enable_gqa=True
+        )
 
     assert torch.autograd.gradcheck(fn, (q, k, v))
 
     def causal(q, k, v):
-        return kernel_attention(q, k, v, sim=sim, sim_kwargs=kwargs, is_causal=True)
+        return kernel_attention(
+            q, k, v, sim=sim, sim_kwargs=kwargs, is_causal=True, enable_gqa=True
+        )
 
     assert torch.autograd.gradcheck(causal, (q, k, v))
 
@@ -423,4 +470,4 @@ def _bad_cases():
 )
 def test_bad_input(args, kwargs, error, match) -> None:
     with pytest.raises(error, match=match):
-        kernel_attention(*args, **kwargs)
+        kernel_attention(*args, **kwargs, enable_gqa=True)

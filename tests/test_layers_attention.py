@@ -39,7 +39,7 @@ def _build(case: str, n_kv_heads: int | None = None, **kw: Any) -> MultiHeadAtte
     opts = dict(BACKEND_CASES[case])
     if isinstance(opts.get("feature_map"), tuple):
         name, fm_kwargs = opts["feature_map"]
-        opts["feature_map"] = feature_maps.get(name, **fm_kwargs)
+        opts["feature_map"] = feature_maps.get(name, dim=D_MODEL // N_HEADS, **fm_kwargs)
     return MultiHeadAttention(D_MODEL, N_HEADS, n_kv_heads=n_kv_heads, **opts, **kw)
 
 
@@ -306,14 +306,33 @@ def test_gradients_through_the_cache_equal_the_full_forward(case: str) -> None:
 
 
 def test_failed_call_leaves_the_cache_unchanged() -> None:
-    mha = _build("kernel-softmax", is_causal=False)
+    def sim(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        # Positive for the first 3 keys, negative weights once a 4th is cached.
+        return torch.exp(q @ k.transpose(-2, -1) / 4) * (1.0 if k.shape[-2] <= 3 else -1.0)
+
+    mha = MultiHeadAttention(D_MODEL, N_HEADS, backend="kernel", backend_options={"sim": sim})
     cache = mha.new_cache(1)
     x = torch.randn(1, 3, D_MODEL)
     with torch.no_grad():
         mha(x, cache=cache)
-        with pytest.raises(ValueError, match=r"denominator"):  # every key padded: 0 / 0
-            mha(x[:, :1], key_padding_mask=torch.ones(1, 4, dtype=torch.bool), cache=cache)
+        with pytest.raises(ValueError, match=r"denominator <= 0"):
+            mha(x[:, :1], cache=cache)
     assert cache.seq_len == 3
+
+
+@pytest.mark.parametrize("backend", ["softmax", "argmax", "kernel"])
+def test_fully_masked_query_outputs_zero_in_every_quadratic_backend(backend: str) -> None:
+    """A query with no key to attend gets 0 from the kernel backend too, as from softmax."""
+    mha = MultiHeadAttention(D_MODEL, N_HEADS, backend=backend, bias=False)
+    x = torch.randn(2, 5, D_MODEL)
+    keep = torch.ones(2, 5, 5, dtype=torch.bool)
+    keep[0, 3] = False  # batch 0, query 3: every key masked
+    pad = torch.zeros(2, 5, dtype=torch.bool)
+    pad[1] = True  # batch 1: every key padded
+    out = mha(x, attn_mask=keep, key_padding_mask=pad)
+    torch.testing.assert_close(out[0, 3], torch.zeros(D_MODEL))  # no bias: W_o 0 = 0
+    torch.testing.assert_close(out[1], torch.zeros(5, D_MODEL))
+    assert torch.isfinite(out).all()
 
 
 def test_dropout_acts_in_training_only() -> None:
@@ -336,6 +355,28 @@ def test_new_cache_follows_parameters_dtype() -> None:
 def test_favor_projection_is_a_drawn_buffer_of_the_module() -> None:
     mha = _build("linear-favor")
     assert mha.state_dict()["feature_map.projection"].shape == (64, D_MODEL // N_HEADS)
+
+
+def test_favor_by_name_gives_every_layer_its_own_projection_of_width_d_k() -> None:
+    """Built by name, each layer draws W for its d_k from the global RNG, at construction."""
+    torch.manual_seed(0)
+    a = MultiHeadAttention(D_MODEL, N_HEADS, backend="linear", feature_map="favor")
+    b = MultiHeadAttention(D_MODEL, N_HEADS, backend="linear", feature_map="favor")
+    wa, wb = a.state_dict()["feature_map.projection"], b.state_dict()["feature_map.projection"]
+    assert wa.shape == wb.shape == (256, D_MODEL // N_HEADS)
+    assert not torch.equal(wa, wb)
+    torch.manual_seed(0)
+    a2 = MultiHeadAttention(D_MODEL, N_HEADS, backend="linear", feature_map="favor")
+    assert torch.equal(a2.state_dict()["feature_map.projection"], wa)
+    assert isinstance(a.feature_map, feature_maps.Favor)
+    assert a.feature_map.scale(D_MODEL // N_HEADS) == (D_MODEL // N_HEADS) ** -0.25
+    # An instance drawn for another width is refused at construction, not in forward.
+    with pytest.raises(ValueError, match=r"input width D=8 does not match the projection width 5"):
+        MultiHeadAttention(
+            D_MODEL, N_HEADS, backend="linear", feature_map=feature_maps.get("favor", dim=5)
+        )
+    with pytest.raises(ValueError, match=r"favor map has no projection: build it with dim=8"):
+        MultiHeadAttention(D_MODEL, N_HEADS, backend="linear", feature_map=feature_maps.Favor())
 
 
 # --------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from attnkit.ops.linear import (
     linear_attention,
     linear_attention_step,
 )
-from helpers import make_qkv, shape_id
+from helpers import make_qkv, shape_id, ulp_distance
 
 F64 = torch.float64
 DTYPES = [torch.float32, torch.float64]
@@ -111,7 +111,7 @@ def test_linear_equals_kernel_reference(name, shape, is_causal, dtype, normalize
 
     def fast(q, k, v):
         o, _ = linear_attention(
-            q, k, v, phi, is_causal=is_causal, normalize=normalize, chunk_size=4
+            q, k, v, phi, is_causal=is_causal, normalize=normalize, chunk_size=4, enable_gqa=True
         )
         return [o]
 
@@ -125,6 +125,7 @@ def test_linear_equals_kernel_reference(name, shape, is_causal, dtype, normalize
                 sim_kwargs={"feature_map": phi},
                 is_causal=is_causal,
                 normalize=normalize,
+                enable_gqa=True,
             )
         ]
 
@@ -140,39 +141,49 @@ def test_polynomial_map_equals_polynomial_kernel(dtype, is_causal) -> None:
     q, k, v = make_qkv(2, 4, 2, 11, 11, 6, 5, dtype=dtype, positive=True)
 
     def fast(q, k, v):
-        return [linear_attention(q, k, v, phi, is_causal=is_causal, chunk_size=3)[0]]
+        return [
+            linear_attention(q, k, v, phi, is_causal=is_causal, chunk_size=3, enable_gqa=True)[0]
+        ]
 
     def ref(q, k, v):
         kw = {"degree": 2, "c": 1.0}
-        return [kernel_attention(q, k, v, sim="polynomial", sim_kwargs=kw, is_causal=is_causal)]
+        return [
+            kernel_attention(
+                q, k, v, sim="polynomial", sim_kwargs=kw, is_causal=is_causal, enable_gqa=True
+            )
+        ]
 
     assert_all_close(fast, ref, (q, k, v), **tol(dtype))
 
 
 def test_default_feature_map_is_elu_and_state_matches_sums() -> None:
     q, k, v = make_qkv(2, 2, 1, 9, 9, 4, 3, dtype=F64)
-    o, state = linear_attention(q, k, v, output_final_state=True)
-    ref = kernel_attention(q, k, v, sim="linear")  # default feature map: elu + 1
+    o, state = linear_attention(q, k, v, output_final_state=True, enable_gqa=True)
+    ref = kernel_attention(q, k, v, sim="linear", enable_gqa=True)  # default feature map: elu + 1
     torch.testing.assert_close(o, ref, **tol(F64))
     assert isinstance(state, LinearAttentionState)
     fk = torch.nn.functional.elu(k) + 1
     torch.testing.assert_close(state.S, fk.transpose(-2, -1) @ v, **tol(F64))
     torch.testing.assert_close(state.z, fk.sum(-2), **tol(F64))
-    _, causal_state = linear_attention(q, k, v, is_causal=True, output_final_state=True)
+    _, causal_state = linear_attention(
+        q, k, v, is_causal=True, output_final_state=True, enable_gqa=True
+    )
     torch.testing.assert_close(causal_state.S, state.S, **tol(F64))
-    assert linear_attention(q, k, v)[1] is None
+    assert linear_attention(q, k, v, enable_gqa=True)[1] is None
 
 
 def test_eps_is_clamp_not_shift() -> None:
     """With relu and a zero denominator the output is 0 (num 0 / eps), else exact."""
     q, k, v = make_qkv(1, 1, 1, 4, 5, 3, 2, dtype=F64, positive=True)
     q[0, 0, 2] = -1.0  # relu(q_2) = 0: numerator and denominator vanish
-    o, _ = linear_attention(q, k, v, "relu", eps=1e-3)
-    ref = kernel_attention(q, k, v, sim="linear", sim_kwargs={"feature_map": "relu"}, eps=1e-3)
+    o, _ = linear_attention(q, k, v, "relu", eps=1e-3, enable_gqa=True)
+    ref = kernel_attention(
+        q, k, v, sim="linear", sim_kwargs={"feature_map": "relu"}, eps=1e-3, enable_gqa=True
+    )
     torch.testing.assert_close(o, ref, **tol(F64))
     assert torch.equal(o[0, 0, 2], torch.zeros(2, dtype=F64))
     with pytest.raises(ValueError, match="1 of 4 rows"):
-        kernel_attention(q, k, v, sim="linear", sim_kwargs={"feature_map": "relu"})
+        kernel_attention(q, k, v, sim="linear", sim_kwargs={"feature_map": "relu"}, enable_gqa=True)
 
 
 # ------------------------------------------------------------------ chunked == recurrent
@@ -182,7 +193,13 @@ def step_loop(q, k, v, phi, state=None, normalize=True):
     outs = []
     for t in range(q.shape[2]):
         o, state = linear_attention_step(
-            q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], state, phi, normalize
+            q[:, :, t : t + 1],
+            k[:, :, t : t + 1],
+            v[:, :, t : t + 1],
+            state,
+            phi,
+            normalize,
+            enable_gqa=True,
         )
         outs.append(o)
     return torch.cat(outs, dim=2), state
@@ -210,6 +227,7 @@ def test_chunked_causal_equals_step_loop(name, chunk_size, with_state) -> None:
             chunk_size=chunk_size,
             initial_state=tuple(state) if state else None,
             output_final_state=True,
+            enable_gqa=True,
         )
         return [o, st.S, st.z]
 
@@ -223,7 +241,15 @@ def test_chunked_causal_equals_step_loop(name, chunk_size, with_state) -> None:
 def test_unnormalised_step_loop_equals_chunked() -> None:
     q, k, v = make_qkv(1, 2, 1, 10, 10, 4, 3, dtype=F64)
     o, st = linear_attention(
-        q, k, v, "identity", is_causal=True, normalize=False, chunk_size=4, output_final_state=True
+        q,
+        k,
+        v,
+        "identity",
+        is_causal=True,
+        normalize=False,
+        chunk_size=4,
+        output_final_state=True,
+        enable_gqa=True,
     )
     o2, st2 = step_loop(q, k, v, "identity", normalize=False)
     torch.testing.assert_close(o, o2, **tol(F64))
@@ -239,8 +265,10 @@ def test_auto_chunk_size_rule() -> None:
     assert auto_chunk_size(4096, 4096, 4096) == MAX_AUTO_CHUNK
     assert auto_chunk_size(10, 64, 64) == 10 and auto_chunk_size(0, 64, 64) == 1
     q, k, v = make_qkv(1, 1, 1, 150, 150, 4, 3, dtype=F64)
-    o, _ = linear_attention(q, k, v, is_causal=True)  # C = 32, 150 = 4 * 32 + 22
-    torch.testing.assert_close(o, kernel_attention(q, k, v, sim="linear", is_causal=True))
+    o, _ = linear_attention(q, k, v, is_causal=True, enable_gqa=True)  # C = 32, 150 = 4 * 32 + 22
+    torch.testing.assert_close(
+        o, kernel_attention(q, k, v, sim="linear", is_causal=True, enable_gqa=True)
+    )
 
 
 # ------------------------------------------------------------------ split + state == one call
@@ -251,7 +279,14 @@ def split_vs_whole(q, k, v, phi, t, is_causal, chunk_size, dtype):
 
     def whole(q, k, v):
         o, st = linear_attention(
-            q, k, v, phi, is_causal=is_causal, chunk_size=chunk_size, output_final_state=True
+            q,
+            k,
+            v,
+            phi,
+            is_causal=is_causal,
+            chunk_size=chunk_size,
+            output_final_state=True,
+            enable_gqa=True,
         )
         return [o, st.S, st.z]
 
@@ -267,6 +302,7 @@ def split_vs_whole(q, k, v, phi, t, is_causal, chunk_size, dtype):
             is_causal=is_causal,
             chunk_size=chunk_size,
             output_final_state=True,
+            enable_gqa=True,
         )
         o2, st2 = linear_attention(
             q2,
@@ -277,6 +313,7 @@ def split_vs_whole(q, k, v, phi, t, is_causal, chunk_size, dtype):
             chunk_size=chunk_size,
             initial_state=st1,
             output_final_state=True,
+            enable_gqa=True,
         )
         o = torch.cat([o1, o2], dim=2) if is_causal else o2
         return [o, st2.S, st2.z]
@@ -312,7 +349,7 @@ def test_split_property(L, frac, chunk_size, is_causal, group) -> None:
 
 def test_step_attends_to_itself_and_starts_from_zero() -> None:
     q, k, v = make_qkv(2, 2, 1, 1, 1, 4, 3, dtype=F64)
-    o, st = linear_attention_step(q, k, v, None)
+    o, st = linear_attention_step(q, k, v, None, enable_gqa=True)
     # One token, one key: the normalised output is exactly that key's value.
     torch.testing.assert_close(o, v.expand(2, 2, 1, 3), **tol(F64))
     fk = torch.nn.functional.elu(k[:, :, 0]) + 1
@@ -323,8 +360,8 @@ def test_step_attends_to_itself_and_starts_from_zero() -> None:
 def test_step_accepts_plain_tuple_state() -> None:
     q, k, v = make_qkv(1, 2, 2, 1, 1, 4, 3)
     S0, z0 = torch.rand(1, 2, 4, 3), torch.rand(1, 2, 4) + 1
-    a, sa = linear_attention_step(q, k, v, (S0, z0))
-    b, sb = linear_attention_step(q, k, v, LinearAttentionState(S0, z0))
+    a, sa = linear_attention_step(q, k, v, (S0, z0), enable_gqa=True)
+    b, sb = linear_attention_step(q, k, v, LinearAttentionState(S0, z0), enable_gqa=True)
     assert torch.equal(a, b) and torch.equal(sa.S, sb.S)
 
 
@@ -337,11 +374,11 @@ def test_bf16_long_causal_accumulates_in_fp32() -> None:
     N, E = 65536, 16
     q, k, v = make_qkv(1, 1, 1, N, N, E, E, dtype=torch.bfloat16)
     v = v + 1.0  # a nonzero mean, so outputs stay O(1) and errors are visible
-    o, st = linear_attention(q, k, v, is_causal=True, output_final_state=True)
+    o, st = linear_attention(q, k, v, is_causal=True, output_final_state=True, enable_gqa=True)
     assert o.dtype == torch.bfloat16 and st.S.dtype == torch.float32
     assert torch.isfinite(o).all()
     ref, ref_st = linear_attention(
-        q.double(), k.double(), v.double(), is_causal=True, output_final_state=True
+        q.double(), k.double(), v.double(), is_causal=True, output_final_state=True, enable_gqa=True
     )
     # Only the final rounding to bf16 remains (unit roundoff 2^-8 = 0.0039 relative);
     # accumulating S, z in bf16 instead gives ~1.7e-2 here.
@@ -353,12 +390,16 @@ def test_bf16_long_causal_accumulates_in_fp32() -> None:
 
 @pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
 def test_fp16_short(is_causal) -> None:
+    """fp16 inputs: the fp32 computation on the same values, rounded once (<= 1 ulp).
+
+    An implementation forming the features or sums in fp16 misses by several units.
+    """
     q, k, v = make_qkv(2, 4, 2, 257, 257, 12, 8, dtype=torch.float16)
-    o, st = linear_attention(q, k, v, is_causal=is_causal, output_final_state=True)
+    o, st = linear_attention(q, k, v, is_causal=is_causal, output_final_state=True, enable_gqa=True)
     assert o.dtype == torch.float16 and st.z.dtype == torch.float32
-    ref, _ = linear_attention(q.float(), k.float(), v.float(), is_causal=is_causal)
-    torch.testing.assert_close(o.float(), ref, rtol=2e-3, atol=2e-3)
-    o1, st1 = linear_attention_step(q[:, :, :1], k[:, :, :1], v[:, :, :1], None)
+    ref, _ = linear_attention(q.float(), k.float(), v.float(), is_causal=is_causal, enable_gqa=True)
+    assert ulp_distance(o, ref.half()).max() <= 1
+    o1, st1 = linear_attention_step(q[:, :, :1], k[:, :, :1], v[:, :, :1], None, enable_gqa=True)
     assert o1.dtype == torch.float16 and st1.S.dtype == torch.float32
 
 
@@ -381,6 +422,7 @@ def test_gradcheck_linear_attention(is_causal) -> None:
             chunk_size=2,
             initial_state=(S0, z0),
             output_final_state=True,
+            enable_gqa=True,
         )
         return o, st.S, st.z
 
@@ -392,7 +434,9 @@ def test_gradcheck_linear_attention_polynomial() -> None:
     args = [t.requires_grad_(True) for t in (q, k, v)]
 
     def fn(q, k, v):
-        return linear_attention(q, k, v, "polynomial", is_causal=True, chunk_size=3)[0]
+        return linear_attention(
+            q, k, v, "polynomial", is_causal=True, chunk_size=3, enable_gqa=True
+        )[0]
 
     assert torch.autograd.gradcheck(fn, args)
 
@@ -404,7 +448,7 @@ def test_gradcheck_step() -> None:
     args = [t.requires_grad_(True) for t in (q, k, v, S0, z0)]
 
     def fn(q, k, v, S0, z0):
-        o, st = linear_attention_step(q, k, v, (S0, z0))
+        o, st = linear_attention_step(q, k, v, (S0, z0), enable_gqa=True)
         return o, st.S, st.z
 
     assert torch.autograd.gradcheck(fn, args)
@@ -434,7 +478,9 @@ def _bad_cases():
         ("chunk-0", (q, k, v), {"chunk_size": 0}, ValueError, r"chunk_size must be.*got 0"),
         ("chunk-float", (q, k, v), {"chunk_size": 2.0}, ValueError, r"positive int, got 2.0"),
         ("chunk-bool", (q, k, v), {"chunk_size": True}, ValueError, r"positive int, got True"),
-        ("eps", (q, k, v), {"eps": -1.0}, ValueError, r"eps must be a float >= 0, got -1.0"),
+        ("eps", (q, k, v), {"eps": -1.0}, ValueError, r"eps must be None or a finite float > 0"),
+        ("eps-0", (q, k, v), {"eps": 0.0}, ValueError, r"eps must be None or a finite float > 0"),
+        ("eps-inf", (q, k, v), {"eps": float("inf")}, ValueError, r"finite float > 0, got inf"),
         (
             "causal-L!=S",
             (q, k[:, :, :4], v[:, :, :4]),
@@ -495,16 +541,279 @@ def _bad_cases():
 )
 def test_bad_input(args, kwargs, error, match) -> None:
     with pytest.raises(error, match=match):
-        linear_attention(*args, **kwargs)
+        linear_attention(*args, **kwargs, enable_gqa=True)
 
 
 def test_step_bad_input() -> None:
     q, k, v = make_qkv(2, 4, 2, 1, 1, 6, 3)
     with pytest.raises(ValueError, match=r"takes one token.*L=3 and k length S=1"):
-        linear_attention_step(q.expand(2, 4, 3, 6), k, v, None)
+        linear_attention_step(q.expand(2, 4, 3, 6), k, v, None, enable_gqa=True)
     with pytest.raises(ValueError, match=r"state.S must have shape \[B, Hk, D', Ev\]"):
-        linear_attention_step(q, k, v, (torch.zeros(2, 2, 6, 4), torch.zeros(2, 2, 6)))
+        linear_attention_step(
+            q, k, v, (torch.zeros(2, 2, 6, 4), torch.zeros(2, 2, 6)), enable_gqa=True
+        )
     with pytest.raises(ValueError, match=r"H=4, k/v have Hk=3"):
-        linear_attention_step(q, torch.randn(2, 3, 1, 6), torch.randn(2, 3, 1, 3), None)
+        linear_attention_step(
+            q, torch.randn(2, 3, 1, 6), torch.randn(2, 3, 1, 3), None, enable_gqa=True
+        )
     with pytest.raises(ValueError, match="unknown feature map 'nope'"):
-        linear_attention_step(q, k, v, None, "nope")
+        linear_attention_step(q, k, v, None, "nope", enable_gqa=True)
+
+
+# ------------------------------------------------------------------ denominators: one policy
+
+FORMS = ["full", "causal-fast", "causal-reference", "step"]
+
+
+def _run_form(form, q, k, v, phi, **kw):
+    """One form of linear attention on q, k, v (step: the last token with the rest as state)."""
+    if form == "step":
+        _, state = linear_attention(
+            q[:, :, :-1], k[:, :, :-1], v[:, :, :-1], phi, output_final_state=True, **kw
+        )
+        o, _ = linear_attention_step(q[:, :, -1:], k[:, :, -1:], v[:, :, -1:], state, phi, **kw)
+        return o
+    impl = "reference" if form == "causal-reference" else "fast"
+    causal = form != "full"
+    o, _ = linear_attention(q, k, v, phi, is_causal=causal, implementation=impl, **kw)
+    return o
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_signed_denominator_raises_in_every_form(form) -> None:
+    """identity map on random q, k: half the denominators are < 0.
+
+    The old clamp to eps returned num / 1e-6 (outputs ~1e8) here without a word.
+    """
+    q, k, v = make_qkv(1, 2, 2, 33, 33, 8, 4)
+    with pytest.raises(ValueError, match=r"\d+ of \d+ rows have a denominator <= 0.*eps=") as info:
+        _run_form(form, q, k, v, "identity", enable_gqa=True)
+    assert "Identity is not a positive feature map" in str(info.value)
+    # eps is the explicit guard: it clamps instead (and changes those rows).
+    o = _run_form(form, q, k, v, "identity", eps=1e-6, enable_gqa=True)
+    assert torch.isfinite(o).all()
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_positive_map_underflow_raises_instead_of_zero_rows(form) -> None:
+    """elu + 1 of inputs below -17 is exactly 0 in float32: a 0 / 0 row is reported."""
+    q, k, v = make_qkv(1, 1, 1, 6, 6, 4, 3)
+    q, k = -40.0 - q.abs(), -40.0 - k.abs()
+    with pytest.raises(ValueError, match=r"rows have a denominator that underflowed to 0"):
+        _run_form(form, q, k, v, "elu", enable_gqa=True)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_positive_maps_pass_the_check_and_equal_the_reference(form) -> None:
+    """Typical inputs pass the check with every positive map and equal the reference."""
+    for name in ("elu", "taylor", "favor"):
+        phi = make_map(name, 6)
+        q, k, v = make_qkv(2, 4, 2, 9, 9, 6, 5, dtype=F64)
+        o = _run_form(form, q, k, v, phi, enable_gqa=True)
+        ref = kernel_attention(
+            q, k, v, sim="linear", sim_kwargs={"feature_map": phi}, is_causal=form != "full",
+            enable_gqa=True,
+        )  # fmt: skip
+        want = ref[:, :, -1:] if form == "step" else ref
+        torch.testing.assert_close(o, want, **tol(F64))
+
+
+def test_guard_clamps_and_the_fast_backward_masks_where_it_clamped() -> None:
+    """relu with rows of zero weight: fast == reference on outputs and every gradient."""
+    phi = feature_maps.get("relu")
+    q, k, v = make_qkv(1, 2, 1, 23, 23, 5, 3, dtype=F64)
+    q[:, :, ::3] = -q[:, :, ::3].abs()  # every third query has no positive coordinate
+    zero_rows = (torch.relu(q) @ torch.relu(k).sum(-2, keepdim=True).transpose(-2, -1)) == 0
+    assert zero_rows.sum() >= 7
+
+    def run(impl):
+        def fn(q, k, v):
+            o, st = linear_attention(
+                q, k, v, phi, is_causal=True, eps=1e-3, chunk_size=4, implementation=impl,
+                output_final_state=True, enable_gqa=True,
+            )  # fmt: skip
+            return [o, st.S, st.z]
+
+        return fn
+
+    assert_all_close(run("fast"), run("reference"), (q, k, v), **tol(F64))
+
+
+def test_non_causal_without_keys_outputs_zero_like_sdpa() -> None:
+    q, k, v = make_qkv(1, 2, 2, 3, 0, 4, 5)
+    o, _ = linear_attention(q, k, v)
+    assert torch.equal(o, torch.zeros(1, 2, 3, 5))
+    torch.testing.assert_close(o, kernel_attention(q, k, v))
+    # With a state the queries do attend (to what the state holds).
+    state = LinearAttentionState(torch.rand(1, 2, 4, 5), torch.rand(1, 2, 4) + 1)
+    o2, _ = linear_attention(q, k, v, initial_state=state)
+    assert (o2 != 0).all()
+
+
+# ------------------------------------------------------------------ grouped-query: opt-in
+
+
+def test_grouped_query_heads_need_enable_gqa_as_in_sdpa() -> None:
+    q, k, v = make_qkv(1, 4, 2, 5, 5, 3, 2)
+    calls = {
+        "linear_attention": lambda **kw: linear_attention(q, k, v, **kw),
+        "causal": lambda **kw: linear_attention(q, k, v, is_causal=True, **kw),
+        "step": lambda **kw: linear_attention_step(q[:, :, :1], k[:, :, :1], v[:, :, :1], None,
+                                                   **kw),
+        "kernel_attention": lambda **kw: kernel_attention(q, k, v, **kw),
+    }  # fmt: skip
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=r"q has 4 heads but k/v have 2; pass enable_gqa=True"):
+            call()
+        out = call(enable_gqa=True)
+        out = out[0] if isinstance(out, tuple) else out
+        assert out.shape[1] == 4, name
+        with pytest.raises(TypeError, match="enable_gqa must be a bool"):
+            call(enable_gqa=1)
+
+
+# ------------------------------------------------------------------ a map whose out_dim lies
+
+
+class _LyingWidth(feature_maps.FeatureMap):
+    """phi(x) = [x, x] but out_dim says D: a custom map with the wrong out_dim."""
+
+    def out_dim(self, d: int) -> int:
+        return d
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, x], dim=-1).exp()
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_wrong_out_dim_is_reported_before_any_matmul(form) -> None:
+    q, k, v = make_qkv(1, 2, 2, 7, 7, 3, 2)
+    match = r"_LyingWidth must map [qk] of shape .* with D' = out_dim\(E=3\) = 3; got .*6\)"
+    with pytest.raises(ValueError, match=match):
+        _run_form(form, q, k, v, _LyingWidth(), enable_gqa=True)
+
+
+# ------------------------------------------------------------------ states are never rounded down
+
+
+def test_a_wider_state_is_rejected_not_rounded_down() -> None:
+    q, k, v = make_qkv(1, 2, 2, 4, 4, 3, 2)
+    S64, z64 = torch.rand(1, 2, 3, 2, dtype=F64), torch.rand(1, 2, 3, dtype=F64) + 1
+    match = r"initial_state.S has dtype torch.float64, wider than the accumulation dtype"
+    with pytest.raises(TypeError, match=match):
+        linear_attention(q, k, v, initial_state=(S64, z64), is_causal=True)
+    with pytest.raises(TypeError, match=r"state.S has dtype torch.float64"):
+        linear_attention_step(q[:, :, :1], k[:, :, :1], v[:, :, :1], (S64, z64))
+    # A narrower state is upcast without loss; the fp64 state with fp64 inputs is fine.
+    _, st = linear_attention_step(
+        q[:, :, :1], k[:, :, :1], v[:, :, :1], (S64.bfloat16(), z64.bfloat16())
+    )
+    assert st.S.dtype == torch.float32
+    _, st64 = linear_attention_step(
+        q[:, :, :1].double(), k[:, :, :1].double(), v[:, :, :1].double(), (S64, z64)
+    )
+    assert st64.S.dtype == F64
+
+
+# ------------------------------------------------------------------ FAVOR+ in linear attention
+
+
+def _favor_log_space_reference(q, k, v, phi, is_causal):
+    """exp-kernel weights a_ij = sum_r exp(lq_ir + lk_jr) normalised in log space (float64).
+
+    lq, lk are the unbiased FAVOR+ logits; logsumexp never underflows, so this is the
+    exact ratio the stabilised float32 path must reproduce.
+    """
+    w = phi.projection.double()
+    s = phi.scale(q.shape[-1])
+
+    def logits(x):
+        xs = x.double() * s
+        return xs @ w.T - 0.5 * (xs * xs).sum(-1, keepdim=True)
+
+    la = torch.logsumexp(logits(q)[..., :, None, :] + logits(k)[..., None, :, :], dim=-1)
+    if is_causal:
+        L = q.shape[-2]
+        la = la.masked_fill(~torch.ones(L, L, dtype=torch.bool).tril(), float("-inf"))
+    return torch.softmax(la, dim=-1) @ v.double()
+
+
+def _favor_inputs(std, N=96, D=64):
+    g = torch.Generator().manual_seed(0)
+    q, k = (std * torch.randn(1, 1, N, D, generator=g) for _ in range(2))
+    return q, k, torch.randn(1, 1, N, 8, generator=g)
+
+
+def test_favor_large_inputs_give_no_zero_rows() -> None:
+    """std-2 inputs at D = 64, m = 256, scale 1: every query logit is below -87 (float32).
+
+    Without the query stabiliser 98% of the output rows were exactly 0; now every row
+    matches the float64 log-space reference.
+    """
+    phi = feature_maps.get("favor", num_features=256, dim=64, input_scale=1.0, seed=0)
+    q, k, v = _favor_inputs(2.0)
+    o, _ = linear_attention(q, k, v, phi)
+    assert (o.abs().amax(-1) > 0).all()
+    ref = _favor_log_space_reference(q, k, v, phi, False)
+    torch.testing.assert_close(o.double(), ref, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("std", [1.0, 2.0, 4.0])
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_favor_default_scale_matches_the_log_space_reference(is_causal, std) -> None:
+    """With Performer's scale D^-1/4 (the default) inputs up to std 4 are exact to fp32."""
+    phi = feature_maps.get("favor", num_features=256, dim=64, seed=0)
+    q, k, v = _favor_inputs(std)
+    o, _ = linear_attention(q, k, v, phi, is_causal=is_causal)
+    ref = _favor_log_space_reference(q, k, v, phi, is_causal)
+    torch.testing.assert_close(o.double(), ref, rtol=1e-3, atol=1e-4)
+
+
+def test_favor_key_underflow_is_an_error_not_a_zero_row() -> None:
+    """Keys keep the unbiased form (their scale must be the same in every call that extends
+    a state), so at scale 1 and std 2 the first causal rows, which see few keys, can
+    underflow: that is reported, never returned as a zero row."""
+    phi = feature_maps.get("favor", num_features=256, dim=64, input_scale=1.0, seed=0)
+    q, k, v = _favor_inputs(2.0)
+    with pytest.raises(ValueError, match=r"rows have a denominator that underflowed to 0"):
+        linear_attention(q, k, v, phi, is_causal=True)
+
+
+def test_favor_by_name_is_the_seed0_map_of_the_input_width() -> None:
+    q, k, v = make_qkv(1, 2, 2, 9, 9, 6, 4)
+    a, _ = linear_attention(q, k, v, "favor", is_causal=True)
+    b, _ = linear_attention(q, k, v, feature_maps.get("favor", dim=6, seed=0), is_causal=True)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    ref = kernel_attention(
+        q, k, v, sim="linear", sim_kwargs={"feature_map": "favor"}, is_causal=True
+    )
+    torch.testing.assert_close(a, ref, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------ half-precision range
+
+
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_polynomial3_fp16_never_returns_inf(is_causal) -> None:
+    """Degree 3, fp16 inputs of std 4: signed denominators near 0 give ratios > 65504.
+
+    Features and sums are float32 (no overflow there); the old clamp then cast
+    num / eps to fp16 and returned inf. Now: a clear error naming the rows (eps=None)
+    or, with the guard, naming float16 and its range.
+    """
+    phi = feature_maps.get("polynomial", degree=3, c=1.0)
+    q, k, v = (4 * t for t in make_qkv(1, 1, 1, 32, 32, 16, 16))
+    q, k, v = q.half(), k.half(), (v / 4).half()
+    with pytest.raises(ValueError, match=r"rows have a denominator <= 0"):
+        linear_attention(q, k, v, phi, is_causal=is_causal)
+    with pytest.raises(ValueError, match=r"outside the range of torch.float16 \(\|x\| <= 65504\)"):
+        linear_attention(q, k, v, phi, is_causal=is_causal, eps=1e-6)
+    # The same call in float32 is finite: only the final cast could overflow.
+    o32, _ = linear_attention(q.float(), k.float(), v.float(), phi, is_causal=is_causal, eps=1e-6)
+    assert torch.isfinite(o32).all() and o32.abs().max() > 65504
+
+
+def test_unnormalised_overflow_raises_instead_of_inf() -> None:
+    q, k, v = make_qkv(1, 1, 1, 4, 4, 3, 2)
+    with pytest.raises(ValueError, match=r"numerator \(normalize=False\) are not finite"):
+        linear_attention(1e14 * q, 1e14 * k, 1e14 * v, "identity", normalize=False)

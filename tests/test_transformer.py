@@ -482,3 +482,50 @@ def test_torch_compile_matches_eager(opts: dict[str, Any]) -> None:
     with torch.no_grad():
         out = torch.compile(blk, fullgraph=True)(x)
     torch.testing.assert_close(out, blk(x), atol=1e-5, rtol=1e-5)
+
+
+# ---- numerics ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no-cache"])
+def test_generate_forms_next_token_logits_in_fp32(use_cache: bool) -> None:
+    """A bf16 model whose two logits differ by 0.125 near 100 (bf16 spacing there: 0.5).
+
+    The head in bf16 rounds both to 100 and greedy decoding picks token 0; formed in
+    float32 (as generate does) the larger one, token 1, wins. Every weight is exact in bf16.
+    """
+    lm = TinyLM(2, 4, 0, 1, positions="none", tie_embeddings=False, max_len=4)
+    with torch.no_grad():
+        lm.ln_f.weight.zero_()
+        lm.ln_f.bias.copy_(torch.tensor([1.0, 1.0, 0.0, 0.0]))  # hidden state exactly [1, 1, 0, 0]
+        lm.head.weight.copy_(torch.tensor([[96.0, 4.0, 0.0, 0.0], [96.0, 4.125, 0.0, 0.0]]))
+    lm = lm.to(torch.bfloat16)
+    prompt = torch.zeros(1, 1, dtype=torch.long)
+    assert torch.equal(lm(prompt)[0, -1], torch.tensor([100.0, 100.0], dtype=torch.bfloat16))
+    out = lm.generate(prompt, max_new_tokens=2, temperature=0.0, use_cache=use_cache)
+    assert out.tolist() == [[0, 1, 1]]
+
+
+def test_favor_layers_draw_their_own_projections_and_round_trip(tmp_path: Path) -> None:
+    """Every layer (and every model) draws W for its d_k; a checkpoint restores them."""
+    torch.manual_seed(0)
+    lm = TinyLM(VOCAB, 16, 2, 2, backend="linear", feature_map="favor", max_len=16).eval()
+    w = [blk.attn.feature_map.projection for blk in lm.blocks]
+    assert w[0].shape == (256, 8) and not torch.equal(w[0], w[1])
+    other = TinyLM(VOCAB, 16, 2, 2, backend="linear", feature_map="favor", max_len=16)
+    assert not torch.equal(other.blocks[0].attn.feature_map.projection, w[0])
+    for blk in lm.blocks:
+        assert blk.attn.feature_map.scale(8) == 8**-0.25  # Performer's exp(q.k / sqrt(d_k))
+    path = tmp_path / "favor.pt"
+    lm.save(path)
+    back = TinyLM.load(path).eval()
+    tokens = _tokens(2, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(back(tokens), lm(tokens), rtol=0, atol=0)
+
+
+def test_conv_state_of_a_wider_dtype_is_rejected_not_rounded_down() -> None:
+    blk = Block(16, 2, conv_kernel=3).eval()
+    cache = blk.new_cache(1, dtype=torch.float64)  # the model is float32
+    with pytest.raises(TypeError, match=r"conv state has dtype torch.float64, wider than"):
+        blk(torch.randn(1, 2, 16), cache)

@@ -100,7 +100,7 @@ def linear_equals_quadratic(console: Console, result: DemoResult, seed: int = 0)
     table.add_column("max |linear - quadratic|", justify="right")
     table.add_column("", justify="center")
     for causal in (False, True):
-        lin, _ = attnkit.linear_attention(q, k, v, feature_map=phi, is_causal=causal, eps=1e-12)
+        lin, _ = attnkit.linear_attention(q, k, v, feature_map=phi, is_causal=causal)
         quad = attnkit.kernel_attention(
             q, k, v, sim="polynomial", is_causal=causal, sim_kwargs={"degree": 2, "c": 1.0}
         )

@@ -72,6 +72,7 @@ from torch.multiprocessing.spawn import ProcessContext, start_processes
 from attnkit._registry import Registry
 from attnkit._validation import check_qkv
 from attnkit.feature_maps import FeatureMap, resolve
+from attnkit.ops._guards import check_feature_shape
 from attnkit.ops.linear import LinearAttentionState, linear_attention
 
 __all__ = [
@@ -415,12 +416,13 @@ def sequence_parallel_linear_attention(
     feature_map: str | FeatureMap = "elu",
     group: ProcessGroup | None = None,
     normalize: bool = True,
-    eps: float = 1e-6,
+    eps: float | None = None,
     chunk_size: int | None = None,
     *,
     output_final_state: bool = False,
     scan: str = "auto",
     check_shapes: bool = True,
+    enable_gqa: bool = False,
 ) -> tuple[Tensor, LinearAttentionState | None]:
     r"""Causal linear attention over a sequence sharded across the ranks of ``group``.
 
@@ -436,18 +438,24 @@ def sequence_parallel_linear_attention(
     Shape legend (PyTorch's SDPA layout, local shards)::
 
         q [B, H, L_r, E]     B batch, H query heads, L_r this rank's shard length
-        k [B, Hk, L_r, E]    Hk key/value heads (H % Hk == 0), E key width
+        k [B, Hk, L_r, E]    Hk key/value heads (H == Hk, or H % Hk == 0 with
+                             enable_gqa), E key width
         v [B, Hk, L_r, Ev]   Ev value width
         o [B, H, L_r, Ev]    q's dtype
         final state S [B, Hk, D', Ev], z [B, Hk, D']   accumulation dtype, replicated
 
     Args:
         feature_map: a registered name or a FeatureMap instance. Maps with random
-            parameters must be identical on every rank (``favor`` draws from a fixed
-            seed, so a name or a seeded instance is fine).
+            parameters must be identical on every rank: the name ``"favor"`` means the
+            seed-0 projection for width E on every rank; an instance must be built with
+            the same ``seed`` (or loaded from the same state_dict) everywhere.
         group: the process group over which the sequence is sharded (None: the default
             group). Group rank order is sequence order.
-        normalize, eps, chunk_size: as in :func:`attnkit.linear_attention`.
+        normalize, eps, chunk_size, enable_gqa: as in :func:`attnkit.linear_attention`
+            (``eps=None``: a denominator <= 0 or not finite raises ValueError on the
+            rank that holds it, after the forward exchange; the other ranks then wait
+            in the backward exchange until the process group's timeout, so where ranks
+            must not fail alone use a positive map or pass eps).
         output_final_state: also return the state after the *whole* sequence, the same
             on every rank (to continue decoding). Its gradient is the sum of what every
             rank passes back, as if each rank's loss were summed.
@@ -475,7 +483,9 @@ def sequence_parallel_linear_attention(
             "process group (torch.distributed.init_process_group, e.g. under torchrun); "
             "on one process use attnkit.linear_attention(..., is_causal=True)"
         )
-    dims = check_qkv(q, k, v)
+    if not isinstance(enable_gqa, bool):
+        raise TypeError(f"enable_gqa must be a bool, got {type(enable_gqa).__name__}")
+    dims = check_qkv(q, k, v, allow_gqa=enable_gqa)
     if dims.L != dims.S:
         raise ValueError(
             f"each rank's q and k must cover the same tokens: q has L={dims.L}, k has "
@@ -488,7 +498,8 @@ def sequence_parallel_linear_attention(
     ):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
-    phi = resolve(feature_map)
+    phi = resolve(feature_map, dims.E)
+    phi.check_width(dims.E)
     rank = dist.get_rank(group)
     world = dist.get_world_size(group)
     if rank < 0:
@@ -497,7 +508,9 @@ def sequence_parallel_linear_attention(
     method = SCANS.get(scan)
 
     acc = torch.promote_types(q.dtype, torch.float32)
-    fk = phi(k.to(acc)).to(acc)  # [B, Hk, L_r, D']
+    fk = phi(k.to(acc))  # [B, Hk, L_r, D']: keys always take the unscaled phi
+    check_feature_shape(phi, "k", k, fk, phi.out_dim(dims.E))
+    fk = fk.to(acc)
     d_feat = fk.shape[-1]
     if check_shapes:
         meta = [dims.B, dims.H, dims.Hk, dims.E, dims.Ev, d_feat, _DTYPE_CODES[q.dtype]]
@@ -526,6 +539,7 @@ def sequence_parallel_linear_attention(
         eps=eps,
         chunk_size=chunk_size,
         initial_state=unflat(prefix),
+        enable_gqa=enable_gqa,
     )
     return o, (unflat(total) if output_final_state else None)
 

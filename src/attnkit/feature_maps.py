@@ -7,14 +7,19 @@ query is seen (Katharopoulos et al. 2020, eq. 6)::
     V'_i = phi(Q_i) (sum_j phi(K_j)^T V_j) / phi(Q_i) (sum_j phi(K_j)^T)
 
 Every map is an ``nn.Module`` acting on the last axis ([..., D] -> [..., D'])
-and knows its output width through ``out_dim(D)``. Maps are chosen by name from a
-registry::
+and knows its output width through ``out_dim(D)``. float16/bfloat16 inputs are mapped
+in float32 and rounded once to the input dtype (a feature outside that dtype's range
+raises ValueError); the attention ops call the maps on float32 copies anyway. Maps
+are chosen by name from a registry::
 
     phi = attnkit.feature_maps.get("polynomial", degree=2, c=1.0)
     phi.out_dim(16)   # C(16 + 2, 2) = 153
 
-``positive`` tells whether phi(q) . phi(k) > 0 for all inputs (then the
-denominator of linear attention can never vanish).
+``positive`` tells whether phi(q) . phi(k) > 0 for all inputs in exact arithmetic
+(then the denominator of linear attention can only vanish by floating-point
+underflow). Maps whose parameters depend on the input width (``needs_dim``, e.g. the
+random projection of FAVOR+) are built with that width: by a layer, or by an op that
+is given the map's name.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnkit._numerics import check_output_range
 from attnkit._registry import Registry
 
 __all__ = [
@@ -50,8 +56,13 @@ class FeatureMap(nn.Module):
 
     #: Registry name, set by :func:`register`.
     name: ClassVar[str] = ""
-    #: True when phi(q) . phi(k) > 0 for every q, k (denominators never vanish).
+    #: True when phi(q) . phi(k) > 0 for every q, k in exact arithmetic (denominators
+    #: of normalised attention cannot be <= 0; in floating point they can still
+    #: underflow to 0 or overflow, which the ops check).
     positive: ClassVar[bool] = False
+    #: True when the map draws parameters for one input width: it must be built with
+    #: ``dim=D`` and accepts the keywords ``dim`` and ``seed`` (see :func:`resolve`).
+    needs_dim: ClassVar[bool] = False
 
     def out_dim(self, d: int) -> int:
         """Width D' of phi(x) for inputs of width ``d``."""
@@ -59,6 +70,20 @@ class FeatureMap(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def query_features(self, x: Tensor) -> Tensor:
+        """phi(x) up to a positive factor per row, for the queries of *normalised* attention.
+
+        phi(q) S / phi(q) . z does not change when phi(q) is multiplied by any positive
+        number, so a map may rescale each query row to keep its features inside the
+        floating-point range (FAVOR+ subtracts the row's largest logit before ``exp``).
+        The state (S, z) is always built from the unscaled phi(k). Default: phi(x).
+        """
+        out: Tensor = self(x)
+        return out
+
+    def check_width(self, d: int) -> None:
+        """Raise ValueError if inputs of width ``d`` cannot be mapped (default: any width)."""
 
     def _check_input(self, x: Tensor) -> None:
         if not isinstance(x, Tensor):
@@ -99,11 +124,24 @@ def available() -> list[str]:
     return _REGISTRY.names()
 
 
-def resolve(feature_map: str | FeatureMap) -> FeatureMap:
-    """Accept a registered name or a :class:`FeatureMap` instance; return the instance."""
+def resolve(
+    feature_map: str | FeatureMap, dim: int | None = None, *, seed: int | None = 0
+) -> FeatureMap:
+    """Accept a registered name or a :class:`FeatureMap` instance; return the instance.
+
+    A name of a map that ``needs_dim`` (``"favor"``) is built for inputs of width
+    ``dim`` with ``seed``: the ops pass the input width and ``seed=0``, so the same name
+    means the same projection on every call and every rank; layers pass ``seed=None``
+    (the global RNG), so every layer draws its own. Without ``dim`` such a map is built
+    without parameters (enough for ``out_dim``; calling it raises). An instance is
+    returned as is.
+    """
     if isinstance(feature_map, FeatureMap):
         return feature_map
     if isinstance(feature_map, str):
+        cls = _REGISTRY.get(feature_map)
+        if cls.needs_dim and dim is not None:
+            return get(feature_map, dim=dim, seed=seed)
         return get(feature_map)
     raise TypeError(
         "feature_map must be a registered name or a attnkit.feature_maps.FeatureMap, "
@@ -113,7 +151,11 @@ def resolve(feature_map: str | FeatureMap) -> FeatureMap:
 
 @register("identity")
 class Identity(FeatureMap):
-    """phi(x) = x: plain (unnormalised-friendly) linear attention. Not positive."""
+    """phi(x) = x: plain (unnormalised-friendly) linear attention.
+
+    Not positive: phi(q) . phi(k) = q.k takes either sign, so a normalised denominator
+    can be <= 0 (linear attention then raises unless given ``eps``).
+    """
 
     def out_dim(self, d: int) -> int:
         return d
@@ -125,7 +167,14 @@ class Identity(FeatureMap):
 
 @register("elu")
 class EluPlusOne(FeatureMap):
-    """phi(x) = elu(x) + 1 (Katharopoulos et al. 2020). Strictly positive."""
+    """phi(x) = elu(x) + 1 (Katharopoulos et al. 2020). Strictly positive.
+
+    In floating point elu(x) + 1 = (exp(x) - 1) + 1 rounds to exactly 0 for x below
+    about -17 (float32; -37 in float64): a query and key whose coordinates are all
+    that negative have similarity 0, which the ops report if a whole denominator
+    vanishes. (exp(min(x, 0)) + max(x, 0) would keep such features > 0 down to -103,
+    but costs 1.4x the feature pass here; inputs of linear attention are O(1).)
+    """
 
     positive = True
 
@@ -134,12 +183,19 @@ class EluPlusOne(FeatureMap):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
+        if x.dtype in (torch.float16, torch.bfloat16):
+            # elu(x) rounded and then + 1 rounded again loses up to 2 units near x = -1.4
+            return F.elu(x.float()).add_(1.0).to(x.dtype)
         return F.elu(x).add_(1.0)  # in place on the fresh elu output: one pass fewer
 
 
 @register("relu")
 class ReLU(FeatureMap):
-    """phi(x) = max(x, 0). Non-negative, so a row's denominator *can* be zero."""
+    """phi(x) = max(x, 0). Non-negative, so a row's denominator *can* be zero.
+
+    Not positive: a query with no positive coordinate in common with any key has
+    denominator 0, which linear attention reports unless given ``eps``.
+    """
 
     def out_dim(self, d: int) -> int:
         return d
@@ -204,7 +260,10 @@ class PowerSeries(FeatureMap):
     multiply per degree (for k = 2 the gather is ``torch.triu_indices``); the index
     and coefficient tensors are cached per (D, device, dtype) in a plain dict (not
     buffers: they are a pure function of D and never belong in a state_dict).
-    Products are formed in the input dtype.
+    Products are formed in float32 for float16/bfloat16 inputs (a degree-3 monomial
+    of inputs around 40 already exceeds float16's 65504) and returned in the input
+    dtype; a feature outside that dtype's range raises ValueError naming the dtype
+    instead of becoming inf.
 
     Shapes: x [..., D] -> phi(x) [..., out_dim(D)].
 
@@ -288,6 +347,15 @@ class PowerSeries(FeatureMap):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
+        half = x.dtype in (torch.float16, torch.bfloat16)
+        if half:
+            # Products of p inputs leave the half range long before float32's.
+            out = self._features(x.float())
+            check_output_range(out, x.dtype, f"{type(self).__name__} feature map", "a feature")
+            return out.to(x.dtype)
+        return self._features(x)
+
+    def _features(self, x: Tensor) -> Tensor:
         d = x.shape[-1]
         a = self.series(d)
         plan = self._plan(d, x.device, x.dtype)
@@ -417,27 +485,45 @@ def _gaussian_projection(
 class Favor(FeatureMap):
     r"""Performer positive random features, FAVOR+ (Choromanski et al. 2021).
 
-    With x' = input_scale * x and rows w_r of W [m, D] each N(0, I_D)::
+    With x' = s x (input scale s) and rows w_r of W [m, D] each N(0, I_D)::
 
         phi(x) = exp(W x' - |x'|^2 / 2) / sqrt(m)                    [..., m]
-        E_W[phi(q) . phi(k)] = exp(input_scale^2 q.k)                (unbiased)
+        E_W[phi(q) . phi(k)] = exp(s^2 q.k)                           (unbiased)
 
-    since E[exp(w.(q'+k'))] = exp(|q'+k'|^2 / 2). input_scale = D^{-1/4} estimates
-    softmax's exp(q.k / sqrt(D)). The relative error of one draw falls like
-    1/sqrt(m); orthogonal rows (default) lower it further.
+    since E[exp(w.(q'+k'))] = exp(|q'+k'|^2 / 2). The default s = D^{-1/4} makes this
+    softmax's kernel exp(q.k / sqrt(D)), as in Performer; ``input_scale`` overrides it.
+    The relative error of one draw falls like 1/sqrt(m); orthogonal rows (default)
+    lower it further.
+
+    Two forms, one kernel:
+
+    - ``forward`` (``phi(x)``) is the unbiased form above, for callers that need
+      phi(q) . phi(k) itself (``kernel_attention(sim="linear")``, a state S, z built
+      from keys, ``normalize=False``).
+    - :meth:`query_features` is what normalised linear attention uses for queries:
+      exp(W q' - max_r (W q')_r), i.e. phi(q) times a positive factor per query, which
+      cancels in phi(q) S / phi(q) . z (the usual stabiliser; performer-pytorch
+      subtracts the same row maximum). Without it a query's logits
+      w_r.q' - |q'|^2/2 all underflow once |q'|^2/2 exceeds ~87 (float32): for
+      inputs of std 2 at D = 64 with s = 1 that was 98% of the output rows, all zero.
+      Keys keep the unbiased form: a per-key factor would not cancel, and one shared
+      constant would have to be the same in every call that extends a state. Their
+      logits are bounded above by max_r |w_r|^2 / 2 (no overflow at D <= 128), and
+      underflow only for |x'|^2/2 beyond ~87 + |x'| max_r |w_r| (float32; at D = 64
+      with the default scale, keys of std above ~6): the denominator then vanishes
+      and the ops raise ValueError.
 
     The projection W is the buffer ``projection`` (in the state_dict, moved by
-    ``.to()``): drawn at init when ``dim`` is given, else on the first forward from
-    the input width. ``seed`` seeds a private ``torch.Generator`` (``None``: the
-    global RNG) that also feeds later :meth:`redraw` calls, so a seeded module's
-    sequence of projections is reproducible.
+    ``.to()``), drawn at construction for width ``dim``. Maps built without ``dim``
+    have no projection until one is loaded from a state_dict; calling them raises
+    ValueError (layers and ops given the name ``"favor"`` build it with the width).
+    ``seed`` seeds a private ``torch.Generator`` that also feeds later :meth:`redraw`
+    calls (a seeded module's sequence of projections is reproducible); ``None``
+    (default) draws from the global RNG, like any module's initial weights, so two
+    layers built one after the other get different projections.
 
-    The exponent is computed in float32 at least (half inputs are upcast; the result
-    is returned in the input dtype). The max-subtraction that performer-pytorch
-    applies for stability is deliberately *not* applied: it scales phi(q) by a
-    per-query and phi(k) by a data-dependent (global) constant, so phi(q) . phi(k)
-    no longer estimates exp(q.k) without bias; in normalised linear attention those
-    constants cancel anyway, so callers that normalise lose nothing by its absence.
+    Logits are computed in float32 at least (half inputs are upcast; the result is
+    returned in the input dtype, a value outside its range raising ValueError).
 
     ``positive``: every feature is > 0, so phi(q) . phi(k) > 0 (up to underflow).
 
@@ -445,6 +531,7 @@ class Favor(FeatureMap):
     """
 
     positive = True
+    needs_dim = True
     projection: Tensor | None
 
     def __init__(
@@ -452,8 +539,8 @@ class Favor(FeatureMap):
         num_features: int = 256,
         dim: int | None = None,
         orthogonal: bool = True,
-        input_scale: float = 1.0,
-        seed: int | None = 0,
+        input_scale: float | None = None,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         if isinstance(num_features, bool) or not isinstance(num_features, int):
@@ -464,18 +551,20 @@ class Favor(FeatureMap):
             raise TypeError(f"favor dim must be an int or None, got {type(dim).__name__}")
         if dim is not None and dim < 1:
             raise ValueError(f"favor dim must be >= 1, got {dim}")
-        if isinstance(input_scale, bool) or not isinstance(input_scale, (int, float)):
-            raise TypeError(
-                f"favor input_scale must be a real number, got {type(input_scale).__name__}"
-            )
-        if not (math.isfinite(input_scale) and input_scale > 0):
-            raise ValueError(f"favor input_scale must be finite and > 0, got {input_scale}")
+        if input_scale is not None:
+            if isinstance(input_scale, bool) or not isinstance(input_scale, (int, float)):
+                raise TypeError(
+                    "favor input_scale must be a real number or None, got "
+                    f"{type(input_scale).__name__}"
+                )
+            if not (math.isfinite(input_scale) and input_scale > 0):
+                raise ValueError(f"favor input_scale must be finite and > 0, got {input_scale}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise TypeError(f"favor seed must be an int or None, got {type(seed).__name__}")
         self.num_features = num_features
         self.dim = dim
         self.orthogonal = bool(orthogonal)
-        self.input_scale = float(input_scale)
+        self.input_scale = None if input_scale is None else float(input_scale)
         self.seed = seed
         self._generator = None if seed is None else torch.Generator().manual_seed(seed)
         self.register_buffer("projection", None)
@@ -485,10 +574,15 @@ class Favor(FeatureMap):
     def out_dim(self, d: int) -> int:
         return self.num_features
 
+    def scale(self, d: int) -> float:
+        """The input scale s for inputs of width ``d``: ``input_scale``, or d^{-1/4}."""
+        return d**-0.25 if self.input_scale is None else self.input_scale
+
     def extra_repr(self) -> str:
+        scale = "D^-1/4" if self.input_scale is None else self.input_scale
         return (
             f"num_features={self.num_features}, dim={self.dim}, orthogonal={self.orthogonal}, "
-            f"input_scale={self.input_scale}, seed={self.seed}"
+            f"input_scale={scale}, seed={self.seed}"
         )
 
     def _draw(self, d: int, generator: torch.Generator | None) -> Tensor:
@@ -504,13 +598,10 @@ class Favor(FeatureMap):
         ``seed=None``) is used.
         """
         if self.projection is None:
-            if self.dim is None:
-                raise ValueError(
-                    "favor.redraw(): the input width is not known yet; pass dim= at "
-                    "construction or call the map once first"
-                )
-            self.projection = self._draw(self.dim, generator).float()
-            return
+            raise ValueError(
+                "favor.redraw(): this map has no projection (built without dim=); pass "
+                "dim= at construction or load a state_dict"
+            )
         old = self.projection
         self.projection = self._draw(old.shape[1], generator).to(old.device, old.dtype)
 
@@ -524,7 +615,7 @@ class Favor(FeatureMap):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
-        # A lazy (not yet drawn) projection adopts the saved one's shape.
+        # A map built without dim adopts the saved projection's shape.
         saved = state_dict.get(prefix + "projection")
         if self.projection is None and isinstance(saved, Tensor):
             self.projection = torch.empty_like(saved)
@@ -532,23 +623,56 @@ class Favor(FeatureMap):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
-    def forward(self, x: Tensor) -> Tensor:
-        self._check_input(x)
-        d = x.shape[-1]
-        if d < 1:
-            raise ValueError(f"favor input must have width D >= 1, got shape {tuple(x.shape)}")
-        if self.projection is None:
-            # A normal (not inference-mode) tensor, so later training can save it for backward.
-            with torch.inference_mode(False), torch.no_grad():
-                self.projection = self._draw(d, None).to(device=x.device, dtype=torch.float32)
+    def check_width(self, d: int) -> None:
         w = self.projection
+        if w is None:
+            raise ValueError(
+                f"favor map has no projection: build it with dim={d} (the input width), e.g. "
+                f"feature_maps.get('favor', dim={d}); layers and ops given the name 'favor' "
+                "do this themselves"
+            )
         if w.shape[1] != d:
             raise ValueError(
                 f"favor input width D={d} does not match the projection width "
                 f"{w.shape[1]} (projection [{w.shape[0]}, {w.shape[1]}]); build a new map "
                 "or pass inputs of the width it was drawn for"
             )
-        dtype = torch.promote_types(torch.promote_types(x.dtype, w.dtype), torch.float32)
-        xs = x.to(dtype) * self.input_scale  # [..., D]
-        logits = xs @ w.to(dtype).T - 0.5 * (xs * xs).sum(-1, keepdim=True)  # [..., m]
-        return (torch.exp(logits) * (1.0 / math.sqrt(self.num_features))).to(x.dtype)
+
+    def _logits(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(W x' [..., m], x') in float32 at least, on x's device."""
+        self._check_input(x)
+        d = x.shape[-1]
+        if d < 1:
+            raise ValueError(f"favor input must have width D >= 1, got shape {tuple(x.shape)}")
+        self.check_width(d)
+        w = _cast_projection(self.projection, x)
+        xs = x.to(w.dtype) * self.scale(d)  # [..., D]
+        return xs @ w.T, xs
+
+    def forward(self, x: Tensor) -> Tensor:
+        wx, xs = self._logits(x)
+        # exp(wx - |x'|^2/2) / sqrt(m), the 1/sqrt(m) folded into the row shift
+        shift = 0.5 * (xs * xs).sum(-1, keepdim=True) + 0.5 * math.log(self.num_features)
+        out = torch.exp(wx - shift)  # [..., m]
+        if out.dtype != x.dtype:
+            check_output_range(out, x.dtype, "favor feature map", "a feature")
+        return out.to(x.dtype)
+
+    def query_features(self, x: Tensor) -> Tensor:
+        """exp(W x' - max_r (W x')_r): phi(x) times a positive factor per row, in (0, 1].
+
+        The row's largest feature is exactly 1, so no query row underflows or
+        overflows; the factor exp(|x'|^2/2 + max_r (W x')_r) sqrt(m) cancels in
+        normalised attention. The shift is detached: the ratio does not depend on it.
+        """
+        wx, _ = self._logits(x)
+        out = torch.exp(wx - wx.detach().amax(dim=-1, keepdim=True))
+        return out.to(x.dtype)
+
+
+def _cast_projection(w: Tensor | None, x: Tensor) -> Tensor:
+    """The projection on x's device in x's dtype promoted to float32 at least."""
+    if w is None:  # pragma: no cover - check_width raised already
+        raise ValueError("favor map has no projection")
+    dtype = torch.promote_types(torch.promote_types(x.dtype, w.dtype), torch.float32)
+    return w.to(device=x.device, dtype=dtype)

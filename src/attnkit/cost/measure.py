@@ -160,7 +160,14 @@ def _linear_causal(implementation: str) -> Build:
 
         def fn(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             out, _ = linear_attention(
-                q, k, v, phi, is_causal=True, chunk_size=s["C"], implementation=implementation
+                q,
+                k,
+                v,
+                phi,
+                is_causal=True,
+                chunk_size=s["C"],
+                implementation=implementation,
+                enable_gqa=True,
             )
             return out
 
@@ -170,7 +177,7 @@ def _linear_causal(implementation: str) -> Build:
 
 
 def _linear_noncausal(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    out, _ = linear_attention(q, k, v, feature_map=_quadratic(), is_causal=False)
+    out, _ = linear_attention(q, k, v, feature_map=_quadratic(), is_causal=False, enable_gqa=True)
     return out
 
 
@@ -195,7 +202,7 @@ def _linear_step(s: Mapping[str, int], phase: str, dtype: torch.dtype) -> Callab
 
     def step() -> object:
         with torch.no_grad():
-            return linear_attention_step(q, k, v, state, feature_map=phi)
+            return linear_attention_step(q, k, v, state, feature_map=phi, enable_gqa=True)
 
     return step
 
@@ -247,7 +254,9 @@ _RUNNERS: dict[tuple[str, str], Runner] = {
     ("kernel", "keep"): Runner(
         'attnkit.kernel_attention(sim="polynomial", eps=1e-6)',
         True,
-        _sequence(lambda q, k, v: kernel_attention(q, k, v, sim="polynomial", eps=1e-6)),
+        _sequence(
+            lambda q, k, v: kernel_attention(q, k, v, sim="polynomial", eps=1e-6, enable_gqa=True)
+        ),
     ),
     ("linear", "keep"): Runner(
         "attnkit.linear_attention(is_causal=False), polynomial degree 2",

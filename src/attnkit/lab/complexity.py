@@ -120,7 +120,8 @@ def _call(
         return lambda: sdpa(q, k, v, is_causal=series.causal)
     if series.family == "kernel":
         return lambda: kernel_attention(q, k, v, sim="polynomial", eps=1e-6)
-    return lambda: linear_attention(q, k, v, feature_map=phi, is_causal=series.causal)
+    eps = None if phi.positive else 1e-6  # identity/relu: the guard they had by default
+    return lambda: linear_attention(q, k, v, feature_map=phi, is_causal=series.causal, eps=eps)
 
 
 def _lengths(series: _Series, s: ComplexitySettings) -> tuple[int, ...]:
@@ -181,7 +182,7 @@ def run(ctx: Context) -> ExperimentResult:
     advance = ctx.task("complexity: time and memory vs N", todo)
     data: dict[str, dict[str, Any]] = {}
     for sr in series:
-        phi = feature_maps.get(sr.feature_map) if sr.feature_map else None
+        phi = feature_maps.resolve(sr.feature_map, s.key_width) if sr.feature_map else None
         dp = phi.out_dim(s.key_width) if phi is not None else 0
         f_model, m_model = _model(sr, s, dp)
         points = []

@@ -221,6 +221,7 @@ def _kernel_attend(q: Tensor, k: Tensor, v: Tensor, call: AttentionCall) -> Tens
         is_causal=call.is_causal,
         eps=opts["eps"],
         causal_alignment=call.causal_alignment,
+        enable_gqa=True,
     )
 
 
@@ -248,6 +249,7 @@ def _linear_attend(q: Tensor, k: Tensor, v: Tensor, call: AttentionCall) -> Tens
         normalize=opts["normalize"],
         eps=opts["eps"],
         chunk_size=opts["chunk_size"],
+        enable_gqa=True,
     )
     return out
 
@@ -265,7 +267,14 @@ def _linear_decode(cache: Cache, q: Tensor, k: Tensor, v: Tensor, call: Attentio
     state.check_append(L)
     if call.is_causal and L == 1:
         out, new_state = linear_attention_step(
-            q, k, v, state.state, feature_map=phi, normalize=opts["normalize"], eps=opts["eps"]
+            q,
+            k,
+            v,
+            state.state,
+            feature_map=phi,
+            normalize=opts["normalize"],
+            eps=opts["eps"],
+            enable_gqa=True,
         )
     else:
         out, final = linear_attention(
@@ -279,6 +288,7 @@ def _linear_decode(cache: Cache, q: Tensor, k: Tensor, v: Tensor, call: Attentio
             chunk_size=opts["chunk_size"],
             initial_state=state.state,
             output_final_state=True,
+            enable_gqa=True,
         )
         if final is None:  # pragma: no cover - output_final_state=True always returns it
             raise RuntimeError("linear_attention returned no final state")
@@ -339,7 +349,7 @@ BACKENDS.register("linear")(
         decode=_linear_decode,
         cache_type=LinearState,
         new_cache=_new_linear_state,
-        options={"eps": 1e-6, "normalize": True, "chunk_size": None},
+        options={"eps": None, "normalize": True, "chunk_size": None},
         masks=False,
         feature_map=True,
     )
@@ -389,8 +399,11 @@ class MultiHeadAttention(nn.Module):
         feature_map: linear backend only: a registered name
             (:func:`attnkit.feature_maps.available`) or a FeatureMap instance (default
             ``"elu"``); a submodule, so e.g. Performer projections are saved and moved
-            with the module. Any other backend raises ValueError (for a kernel given
-            by a feature map, use ``backend="kernel"`` with ``sim="linear"``).
+            with the module. A name of a map drawn for one width (``"favor"``) is built
+            here for d_k from the global RNG, so every layer gets its own projection;
+            an instance must already accept width d_k (ValueError otherwise). Any other
+            backend raises ValueError (for a kernel given by a feature map, use
+            ``backend="kernel"`` with ``sim="linear"``).
         bias: biases in all four projections.
         dropout: attention-weight dropout probability, applied in training mode
             (softmax backend only; ValueError for the others).
@@ -400,14 +413,17 @@ class MultiHeadAttention(nn.Module):
             construction (unknown keys raise ValueError listing the accepted ones):
             softmax ``scale``; argmax ``mode``, ``tau``, ``scale``, ``generator``;
             kernel ``sim``, ``sim_kwargs``, ``eps``; linear ``eps``, ``normalize``,
-            ``chunk_size``.
+            ``chunk_size``. ``eps`` defaults to None: a denominator <= 0 raises (see
+            :func:`~attnkit.ops.linear_attention`), so a non-positive feature map such
+            as relu needs an explicit eps.
 
     Masks (``forward``): ``attn_mask`` follows SDPA: bool **True = attend**, or float
     added to the scores; shapes [L, S], [B, L, S] or [B, H, L, S] (size-1 axes
     broadcast). Note that ``torch.nn.MultiheadAttention`` uses the opposite bool
     convention (True = masked) and [B·H, L, S] for 3-D masks. ``key_padding_mask``
     [B, S] is bool with **True = padding** (ignored key), as in torch. A query that
-    may attend no key gets 0 from the softmax backend (torch's MHA gives NaN).
+    may attend no key gets 0 from the softmax, argmax and kernel backends alike
+    (torch's MHA gives NaN).
 
     The linear backend accepts no ``attn_mask`` and no ``key_padding_mask``
     (ValueError): its sums over keys are formed before any query is seen, so a
@@ -489,16 +505,13 @@ class MultiHeadAttention(nn.Module):
         self.backend_options: Mapping[str, Any] = MappingProxyType(given)
         self._spec = spec
         self._options: Mapping[str, Any] = MappingProxyType(spec.prepare({**spec.options, **given}))
-        self.feature_map: FeatureMap | None = (
-            feature_maps.resolve("elu" if feature_map is None else feature_map)
-            if spec.feature_map
-            else None
-        )
-        if self.feature_map is not None:
-            # Draw lazily-built parameters (e.g. Performer projections) now, so the
-            # state_dict and .to() see them before the first forward.
-            with torch.no_grad():
-                self.feature_map(torch.zeros(1, d_k))
+        self.feature_map: FeatureMap | None = None
+        if spec.feature_map:
+            # Maps drawn for one width (Performer projections) are drawn here, from the
+            # global RNG: every layer its own, in the state_dict before any forward.
+            name = "elu" if feature_map is None else feature_map
+            self.feature_map = feature_maps.resolve(name, d_k, seed=None)
+            self.feature_map.check_width(d_k)
 
         self.q_proj = nn.Linear(d_model, n_heads * d_k, bias=bias)
         self.k_proj = nn.Linear(d_model, n_kv_heads * d_k, bias=bias)

@@ -257,8 +257,11 @@ class LinearState:
     kind fails the same way when decoding runs past it.
 
     ``batch``/``n_kv_heads``, when given, are checked against every new state.
-    ``dtype``/``device`` are informative only: the ops keep S and z in float32 (at
-    least) on the inputs' device.
+    ``dtype``, when given, is the dtype of the inputs that will be folded in; the ops
+    keep S and z in its accumulation dtype ``promote(dtype, float32)`` (float32 for
+    half and float32 inputs, float64 for float64), and :meth:`advance` raises TypeError
+    for a state of any other dtype, so a float64 cache is never silently rounded to
+    float32 (nor the reverse). ``device`` is informative only.
     """
 
     def __init__(
@@ -273,6 +276,9 @@ class LinearState:
         self.batch = None if batch is None else check_int("batch", batch, 1)
         self.n_kv_heads = None if n_kv_heads is None else check_int("n_kv_heads", n_kv_heads, 1)
         self.max_len = _check_max_len(max_len)
+        floating = isinstance(dtype, torch.dtype) and dtype.is_floating_point
+        if dtype is not None and not floating:
+            raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
         self.dtype = dtype
         self.device = None if device is None else torch.device(device)
         self._state: LinearAttentionState | None = None
@@ -338,6 +344,15 @@ class LinearState:
                 f"z must have shape [B, Hk, D'] = {list(S.shape[:3])} to match S, "
                 f"got {list(z.shape)}"
             )
+        if self.dtype is not None:
+            acc = torch.promote_types(self.dtype, torch.float32)
+            for name, t in (("S", S), ("z", z)):
+                if t.dtype != acc:
+                    raise TypeError(
+                        f"this LinearState holds the state of {self.dtype} inputs, kept in "
+                        f"{acc}; got {name} of dtype {t.dtype} (decode with {self.dtype} "
+                        "inputs, or build the cache with that dtype)"
+                    )
         self.check_append(length)
         self._state = LinearAttentionState(S, z)
         self._len += length

@@ -135,7 +135,8 @@ class ShortConv(nn.Module):
 
     One filter of width K per channel (groups = d), padded on the left only, so y_t
     sees x_{t-K+1..t} and never the future. With a state [B, d, K - 1] (the previous
-    K - 1 inputs) the same output is produced one chunk at a time.
+    K - 1 inputs) the same output is produced one chunk at a time; a state in a wider
+    dtype than x raises TypeError (never rounded down), a narrower one is upcast.
 
     Shapes: x [B, L, d], state [B, d, K - 1] -> y [B, L, d], new state [B, d, K - 1].
     """
@@ -152,6 +153,12 @@ class ShortConv(nn.Module):
             xt = F.pad(xt, (keep, 0))  # [B, d, K-1 + L], zeros on the left only
             new_state = None
         else:
+            if torch.promote_types(state.dtype, xt.dtype) != xt.dtype:
+                raise TypeError(
+                    f"the conv state has dtype {state.dtype}, wider than the input's "
+                    f"{xt.dtype}; it would be rounded down (build the cache with the "
+                    "input's dtype)"
+                )
             xt = torch.cat([state.to(xt.dtype), xt], dim=-1)  # [B, d, K-1 + L]
             new_state = xt[..., xt.shape[-1] - keep :].clone()  # [B, d, K-1]
         y = self.conv(xt).transpose(1, 2)  # [B, d, L] -> [B, L, d]
@@ -474,6 +481,11 @@ class TinyLM(nn.Module):
         return LMCache(layers=layers, batch=batch, max_len=max_len)
 
     def forward(self, tokens: Tensor, cache: LMCache | None = None) -> Tensor:
+        logits: Tensor = self.head(self.ln_f(self._hidden(tokens, cache)))  # [B, L, V]
+        return logits
+
+    def _hidden(self, tokens: Tensor, cache: LMCache | None) -> Tensor:
+        """The residual stream after the last block, [B, L, d] (advances ``cache``)."""
         cfg = self.config
         tokens = _check_tokens(tokens, cfg.vocab)
         B, L = tokens.shape
@@ -497,15 +509,29 @@ class TinyLM(nn.Module):
                 f"sequence length {end} (= {start} cached + {L} new tokens) exceeds max_len={limit}"
             )
 
-        x = self.tok_emb(tokens.long())  # [B, L, d]
+        x: Tensor = self.tok_emb(tokens.long())  # [B, L, d]
         if self.pos_emb is not None:
             x = x + self.pos_emb(torch.arange(start, end, device=tokens.device))  # + [L, d]
         x = self.drop(x)
         for i, blk in enumerate(self.blocks):
             x = blk(x, None if cache is None else cache.layers[i])  # [B, L, d]
-        logits: Tensor = self.head(self.ln_f(x))  # [B, L, V]
         if cache is not None:
             cache.pos = end
+        return x
+
+    def _next_logits(self, tokens: Tensor, cache: LMCache | None) -> Tensor:
+        """float32 logits [B, V] of the last position, whatever the model's dtype.
+
+        The final LayerNorm and the head run in float32 on that one position, so a
+        bf16 model does not round its logits to 8 significant bits (0.5 apart near
+        100) before the sampler compares them.
+        """
+        h = self._hidden(tokens, cache)[:, -1].float()  # [B, d]
+        ln = self.ln_f
+        w = None if ln.weight is None else ln.weight.float()
+        b = None if ln.bias is None else ln.bias.float()
+        h = F.layer_norm(h, ln.normalized_shape, w, b, ln.eps)
+        logits: Tensor = F.linear(h, self.head.weight.float())  # [B, V]
         return logits
 
     # ---- generation ----------------------------------------------------------------------
@@ -532,7 +558,10 @@ class TinyLM(nn.Module):
         ``temperature`` 0 is greedy (argmax); otherwise tokens are sampled from
         softmax(logits / temperature) restricted to the ``top_k`` most likely ids (all
         when None), drawing from ``generator``. The model is put in eval mode for the
-        call (no dropout) and restored afterwards.
+        call (no dropout) and restored afterwards. The next-token logits are formed in
+        float32 (final LayerNorm and head upcast for the last position), so a bf16 or
+        fp16 model samples from the same logits an fp32 head would give its hidden
+        state.
         """
         cfg = self.config
         prompt = _check_tokens(prompt, cfg.vocab)
@@ -558,13 +587,17 @@ class TinyLM(nn.Module):
         self.eval()
         try:
             cache = self.new_cache(B, max_len=total) if use_cache else None
-            logits = self(out, cache)[:, -1]  # prefill: [B, V]
+            logits = self._next_logits(out, cache)  # prefill: [B, V] float32
             for step in range(max_new_tokens):
                 nxt = _sample(logits, temperature, top_k, generator)  # [B, 1]
                 out = torch.cat([out, nxt], dim=1)
                 if step + 1 == max_new_tokens:
                     break
-                logits = (self(nxt, cache) if cache is not None else self(out))[:, -1]
+                logits = (
+                    self._next_logits(nxt, cache)
+                    if cache is not None
+                    else self._next_logits(out, None)
+                )
         finally:
             self.train(was_training)
         return out

@@ -141,8 +141,9 @@ def argmax_attention(
 ) -> Tensor:
     """Attention that picks one key per query (or a relaxation of that choice).
 
-    scores = scale · q kᵀ (``scale = 1/sqrt(E)`` by default; a positive scale does
-    not change the argmax but does set the softmax sharpness with ``tau``), masked
+    scores = scale · q kᵀ (``scale = 1/sqrt(E)`` by default; it must be finite and
+    > 0: a positive scale does not change the argmax but does set the softmax
+    sharpness with ``tau``, a negative one would silently turn argmax into argmin), masked
     like :func:`attnkit.ops.softmax.sdpa`: bool ``attn_mask`` True = attend, a float
     one is added, ``is_causal`` may be combined with it, and ``causal_alignment``
     (``"upper_left"`` or ``"lower_right"``) means what it means there. Masked keys are
@@ -165,6 +166,12 @@ def argmax_attention(
     ``tau`` must be > 0 (it is unused by ``"hard"`` but still checked). Half inputs
     compute scores and weights in float32; the output has q's dtype.
 
+    Non-finite values: a query whose scores contain NaN (NaN in q, or in a key it may
+    attend) outputs NaN in every mode, rather than the value of whichever key
+    ``argmax`` happens to report for a NaN row. NaN in v reaches every row (the
+    weights, one-hot or masked, multiply every value row, and 0 * NaN is NaN), as in
+    torch's SDPA. Finite inputs give finite outputs.
+
     Shapes::
 
         B batch, H query heads, Hk key/value heads (H % Hk == 0 with enable_gqa),
@@ -183,6 +190,14 @@ def argmax_attention(
         raise ValueError(f"tau must be a finite number > 0, got {tau}")
     if generator is not None and not isinstance(generator, Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(
+                f"scale must be a finite number > 0, got {scale}: a negative scale turns the "
+                "argmax into an argmin, and 0 makes every key tie"
+            )
 
     B, H, Hk, L, S, E, G = dims.B, dims.H, dims.Hk, dims.L, dims.S, dims.E, dims.group_size
     acc = torch.promote_types(q.dtype, torch.float32)  # fp16/bf16 compute in fp32
@@ -203,5 +218,7 @@ def argmax_attention(
     # A query with no attendable key outputs 0 (argmax of an all -inf row would be key 0).
     attendable = (scores > float("-inf")).any(dim=-1, keepdim=True)
     weights = torch.where(attendable, weights, 0.0)
+    # argmax reports some index for a row with NaN scores; make the row NaN instead.
+    weights = torch.where(torch.isnan(scores).any(dim=-1, keepdim=True), float("nan"), weights)
     out = contract(VALUES, weights, v.to(acc))  # [B, Hk, G, L, Ev]
     return out.reshape(B, H, L, dims.Ev).to(q.dtype)

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from attnkit import feature_maps
 from attnkit._contract import Contraction, contract
+from attnkit._numerics import check_denominator, check_finite, check_output_range
 from attnkit._registry import Registry
 from attnkit._validation import QKVDims, check_choice, check_mask, check_qkv
 from attnkit.ops.softmax import CausalAlignment, causal_mask
@@ -165,10 +166,25 @@ def _polynomial(degree: int = 2, c: float = 1.0) -> Similarity:
 
 @register_similarity("linear")
 def _linear(feature_map: str | feature_maps.FeatureMap = "elu") -> Similarity:
-    """sim(q, k) = phi(q) . phi(k) for a feature map phi (name or instance; default elu+1)."""
-    phi = feature_maps.resolve(feature_map)
+    """sim(q, k) = phi(q) . phi(k) for a feature map phi (name or instance; default elu+1).
+
+    The unbiased phi on both sides (no query rescaling), so this is the reference the
+    linear forms are checked against. A name of a map drawn for one width (``"favor"``)
+    is built for the input width with seed 0, as :func:`attnkit.linear_attention` does.
+    """
+    given = feature_maps.resolve(feature_map)  # validates the name or the type now
+    built: dict[int, feature_maps.FeatureMap] = {}
+
+    def phi_for(d: int) -> feature_maps.FeatureMap:
+        if not (isinstance(feature_map, str) and given.needs_dim):
+            return given
+        if d not in built:
+            built[d] = feature_maps.resolve(feature_map, d)
+        return built[d]
 
     def sim(q: Tensor, k: Tensor) -> Tensor:
+        phi = phi_for(q.shape[-1])
+        phi.check_width(q.shape[-1])
         fq: Tensor = phi(q)
         fk: Tensor = phi(k)
         return contract(FEATURE_DOTS, fq, fk)
@@ -217,6 +233,7 @@ def kernel_attention(
     *,
     causal_alignment: CausalAlignment = "upper_left",
     normalize: bool = True,
+    enable_gqa: bool = False,
 ) -> Tensor:
     r"""Kernelized attention with any similarity: the quadratic reference of equation (4).
 
@@ -227,8 +244,9 @@ def kernel_attention(
     Shape legend (PyTorch's SDPA layout)::
 
         q [B, H, L, E]     B batch, H query heads, L query length, E key width
-        k [B, Hk, S, E]    Hk key/value heads, H % Hk == 0 (GQA: query head h uses
-        v [B, Hk, S, Ev]   key/value head h // (H / Hk)); S key length, Ev value width
+        k [B, Hk, S, E]    Hk key/value heads (H == Hk unless enable_gqa; then
+        v [B, Hk, S, Ev]   H % Hk == 0 and query head h uses key/value head
+                           h // (H / Hk)); S key length, Ev value width
         attn_mask          broadcastable to [B, H, L, S]
         returns [B, H, L, Ev]
 
@@ -244,20 +262,36 @@ def kernel_attention(
         is_causal: query i attends keys j <= i (``causal_alignment="upper_left"``,
             torch's convention) or j <= i + S - L (``"lower_right"``). May be combined
             with ``attn_mask`` (both must allow a key).
-        eps: guard for the denominator. ``None`` (default): any row whose denominator is
-            <= 0 or not finite raises ValueError saying how many rows. A float > 0: the
-            denominator is ``clamp_min(eps)``-ed, so a row with no weight (e.g. fully
-            masked) returns 0, as torch's SDPA does; rows whose denominator exceeds eps
-            are unchanged.
+        eps: the denominator policy. ``None`` (default): any row that may attend at
+            least one key and whose denominator is <= 0 or not finite raises ValueError
+            saying how many rows. A float > 0 is a guard that changes the math: the
+            denominator is ``clamp_min(eps)``-ed (it must still be finite), so rows whose
+            denominator is below eps are damped instead of raising; rows above eps are
+            unchanged.
         sim_kwargs: options for a registered similarity, e.g. ``{"scale": 0.1}``,
             ``{"degree": 3, "c": 0.5}``, ``{"feature_map": "elu"}``.
         causal_alignment: see ``is_causal``.
         normalize: ``False`` returns the numerator sum_j sim(Q_i, K_j) V_j alone (log-space
-            similarities are then exponentiated without the row-max shift).
+            similarities are then exponentiated without the row-max shift); it must be
+            finite (ValueError otherwise).
+        enable_gqa: allow H != Hk (grouped-query attention), as in
+            :func:`attnkit.sdpa`; without it H != Hk raises ValueError.
+
+    Fully masked rows: a query that ``attn_mask`` and ``is_causal`` leave no key to
+    attend (bool False or float -inf everywhere, or S = 0) outputs 0, as
+    :func:`attnkit.sdpa` does, whatever ``eps``; it is not an error.
 
     Positivity: sim > 0 everywhere (softmax, gaussian, ``linear`` with a positive
     feature map such as elu+1) is sufficient for a nonzero denominator. A kernel that
-    can reach 0, e.g. (q.k + 1)^2 at q.k = -1, or a fully masked row, needs ``eps``.
+    can reach 0, e.g. (q.k + 1)^2 at q.k = -1, needs ``eps``.
+
+    Non-finite values: NaN or inf in q or k reach the denominators of the rows they
+    touch, which raises ValueError. NaN/inf in v is not checked: it reaches every row
+    (a masked weight is 0, and 0 * NaN is NaN in the product with v). Finite inputs
+    never give a non-finite output: sims that overflow raise, and an fp16/bf16 output
+    that would not fit its dtype raises ValueError naming the dtype.
+    The checks are reductions over the B H L denominators (and the output for half
+    dtypes); on a GPU they are queued with ``torch._assert_async`` (no host sync).
 
     Cost: time O(B H L S (E + Ev)), memory O(B H L S) for the similarity matrix.
     fp16/bf16 inputs are computed and accumulated in fp32; the output has q's dtype.
@@ -267,7 +301,9 @@ def kernel_attention(
         w = sim(q, k).masked_fill(~mask, 0)
         return (w @ v) / w.sum(-1, keepdim=True)
     """
-    dims = check_qkv(q, k, v)
+    if not isinstance(enable_gqa, bool):
+        raise TypeError(f"enable_gqa must be a bool, got {type(enable_gqa).__name__}")
+    dims = check_qkv(q, k, v, allow_gqa=enable_gqa)
     mask = check_mask(attn_mask, dims)
     if mask is not None and mask.device != q.device:
         raise ValueError(f"attn_mask must be on q's device ({q.device}), got {mask.device}")
@@ -297,6 +333,14 @@ def kernel_attention(
     add: Tensor | None = None
     if mask is not None and mask.dtype != torch.bool:
         add = mask.to(acc)
+    # Rows that may attend at least one key (None: all of them); the others output 0.
+    allowed = keep
+    if add is not None:
+        finite_add = add > float("-inf")
+        allowed = finite_add if allowed is None else allowed & finite_add
+    attendable = None if allowed is None else allowed.any(dim=-1)
+    if S == 0:  # no keys at all: every row outputs 0
+        attendable = torch.zeros(B, H, L, dtype=torch.bool, device=q.device)
 
     if isinstance(similarity, LogSimilarity):
         scores = _check_sim_output(similarity.log_sim(qf, k_heads), dims)
@@ -304,7 +348,7 @@ def kernel_attention(
             scores = scores + add
         if keep is not None:
             scores = scores.masked_fill(~keep, float("-inf"))
-        if normalize:
+        if normalize and S > 0:
             # exp(s - m) / sum exp(s - m) == exp(s) / sum exp(s): the shift cancels, so it
             # is detached (exactly zero gradient); a fully masked row keeps m = 0 and w = 0.
             m = scores.detach().amax(dim=-1, keepdim=True)
@@ -322,19 +366,24 @@ def kernel_attention(
     # [B, H, L, S] -> [B, Hk, G, L, S] so v is used per key/value head without a copy.
     num = contract(NUMERATOR, w.reshape(B, Hk, G, L, S), vf).reshape(B, H, L, Ev)
     if not normalize:
+        check_finite(num, "kernel_attention", "the numerator (normalize=False)", _HINT)
+        check_output_range(num, out_dtype, "kernel_attention")
         return num.to(out_dtype)
     den = w.sum(dim=-1)  # [B, H, L]
-    if eps is None:
-        bad = ~(den > 0) | ~torch.isfinite(den)
-        n_bad = int(bad.sum().item())
-        if n_bad:
-            smallest = float(den.detach().min().item())
-            raise ValueError(
-                f"kernel_attention: {n_bad} of {den.numel()} rows have a denominator <= 0 or "
-                f"non-finite (smallest {smallest:.3g}); kernels that can reach 0 such as "
-                "(q.k+1)^2, non-positive feature maps or fully masked rows need eps=... "
-                "(e.g. eps=1e-6) to guard, or use a positive similarity"
-            )
-    else:
+    if attendable is not None:
+        # A row with no key to attend has num = 0: divide it by 1, outside the check.
+        den = torch.where(attendable, den, torch.ones_like(den))
+    check_denominator(den, "kernel_attention", positive=False, guarded=eps is not None, hint=_HINT)
+    if eps is not None:
         den = den.clamp_min(eps)
-    return (num / den.unsqueeze(-1)).to(out_dtype)
+    out = num / den.unsqueeze(-1)
+    if not isinstance(similarity, LogSimilarity):  # exp-similarities average the values
+        check_output_range(out, out_dtype, "kernel_attention")
+    return out.to(out_dtype)
+
+
+_HINT = (
+    "kernels that can reach 0 such as (q.k+1)^2 or non-positive feature maps need "
+    "eps=... (e.g. eps=1e-6; a guard that changes the result of rows below it), or use a "
+    "positive similarity; NaN/inf in q or k, or sims that overflow, are never guarded"
+)

@@ -22,6 +22,7 @@ The plain O(L S) reference is :func:`attnkit.ops.kernel.kernel_attention` with
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -31,6 +32,7 @@ from torch import Tensor
 from attnkit._contract import Contraction, contract
 from attnkit._validation import QKVDims, check_choice, check_qkv, check_tensor
 from attnkit.feature_maps import FeatureMap, resolve
+from attnkit.ops._guards import check_feature_shape, finish, normalise
 from attnkit.ops.linear_chunked import causal_linear_attention
 
 __all__ = [
@@ -183,9 +185,11 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _check_eps(eps: object) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"eps must be a float >= 0, got {eps!r}")
+def _check_eps(eps: object) -> float | None:
+    if eps is None:
+        return None
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
+        raise ValueError(f"eps must be None or a finite float > 0, got {eps!r}")
     return float(eps)
 
 
@@ -195,15 +199,12 @@ def _check_bool(name: str, value: object) -> bool:
     return value
 
 
-def _features(phi: FeatureMap, name: str, x: Tensor, acc: torch.dtype) -> Tensor:
-    """phi(x) computed in the accumulation dtype: [..., E] -> [..., D']."""
-    f = phi(x.to(acc))
-    if not isinstance(f, Tensor) or f.shape[:-1] != x.shape[:-1]:
-        got = tuple(f.shape) if isinstance(f, Tensor) else type(f).__name__
-        raise ValueError(
-            f"feature map {type(phi).__name__} must map {name} of shape {tuple(x.shape)} to "
-            f"[..., D'] keeping the leading axes, got {got}"
-        )
+def _features(
+    fn: Callable[[Tensor], Tensor], phi: FeatureMap, name: str, x: Tensor, acc: torch.dtype, Dp: int
+) -> Tensor:
+    """phi(x) computed in the accumulation dtype: [..., E] -> [..., D']; checks its shape."""
+    f = fn(x.to(acc))
+    check_feature_shape(phi, name, x, f, Dp)
     return f.to(acc)
 
 
@@ -216,7 +217,12 @@ def _check_state(
     device: torch.device,
     acc: torch.dtype,
 ) -> LinearAttentionState:
-    """Validate a state (S, z) against [B, Hk, D', Ev] and [B, Hk, D']; cast to ``acc``."""
+    """Validate a state (S, z) against [B, Hk, D', Ev] and [B, Hk, D']; cast up to ``acc``.
+
+    A state in a narrower dtype (fp16, bf16) is upcast losslessly; one in a wider dtype
+    than ``acc`` (fp64 with fp32 accumulation) raises TypeError instead of being
+    silently rounded.
+    """
     if not isinstance(state, tuple) or len(state) != 2:
         raise TypeError(
             f"{name} must be a LinearAttentionState or a tuple (S, z), got {type(state).__name__}"
@@ -241,6 +247,12 @@ def _check_state(
             raise TypeError(f"{name}.{part} must have a floating dtype, got {t.dtype}")
         if t.device != device:
             raise ValueError(f"{name}.{part} must be on q's device {device}, got {t.device}")
+        if torch.promote_types(t.dtype, acc) != acc:
+            raise TypeError(
+                f"{name}.{part} has dtype {t.dtype}, wider than the accumulation dtype {acc} "
+                f"of these inputs; it would be rounded down. Cast the state explicitly "
+                f"({name}.{part}.to({acc})) or pass inputs of dtype {t.dtype}"
+            )
     return LinearAttentionState(S.to(acc), z.to(acc))
 
 
@@ -259,12 +271,15 @@ def _causal_chunked(
     state: LinearAttentionState,
     chunk: int,
     normalize: bool,
-    eps: float,
+    eps: float | None,
+    phi: FeatureMap,
 ) -> tuple[Tensor, LinearAttentionState]:
     """Causal prefix sums of equation (6), chunk by chunk.
 
     fq [B, Hk, G, L, D'], fk [B, Hk, L, D'], v [B, Hk, L, Ev] (already in the
-    accumulation dtype); returns o [B, Hk, G, L, Ev] and the final state.
+    accumulation dtype); returns o [B, Hk, G, L, Ev] (normalised by the checked
+    denominators when ``normalize``; ``phi`` only names the map in an error) and the
+    final state.
     """
     B, Hk, G, L, Dp = fq.shape
     Ev = v.shape[-1]
@@ -293,10 +308,11 @@ def _causal_chunked(
     A = contract(CHUNK_SCORES, qc, kc).masked_fill(~tri, 0.0)
     num = contract(CHUNK_INTER, qc, S_prev)  # inter-chunk
     num = num + contract(CHUNK_INTRA, A, vc)  # intra-chunk
+    o = num.reshape(B, Hk, G, n * C, Ev)[:, :, :, :L]
     if normalize:
         den = contract(CHUNK_DENOMINATOR, qc, z_prev) + A.sum(dim=-1)
-        num = num / den.clamp_min(eps).unsqueeze(-1)
-    o = num.reshape(B, Hk, G, n * C, Ev)[:, :, :, :L]
+        # Padded query rows have denominator 0: only the L real rows are checked.
+        o = normalise(o, den.reshape(B, Hk, G, n * C)[..., :L], phi, eps)
     return o, final
 
 
@@ -318,7 +334,7 @@ def _causal_fast(
     initial_state: object,
     chunk: int,
     normalize: bool,
-    eps: float,
+    eps: float | None,
     output_final_state: bool,
 ) -> tuple[Tensor, LinearAttentionState | None]:
     """Causal linear attention through the recomputing Function (validated inputs)."""
@@ -340,30 +356,31 @@ def linear_attention(
     feature_map: str | FeatureMap = "elu",
     is_causal: bool = False,
     normalize: bool = True,
-    eps: float = 1e-6,
+    eps: float | None = None,
     chunk_size: int | None = None,
     initial_state: LinearAttentionState | tuple[Tensor, Tensor] | None = None,
     output_final_state: bool = False,
     *,
+    enable_gqa: bool = False,
     implementation: str = "fast",
 ) -> tuple[Tensor, LinearAttentionState | None]:
     r"""Linearized attention with a feature map phi, equation (6); returns ``(o, state)``.
 
     ::
 
-        non-causal  o_i = phi(Q_i) S / max(phi(Q_i) . z, eps)
+        non-causal  o_i = phi(Q_i) S / phi(Q_i) . z
                     S = S0 + sum_j phi(K_j)^T V_j,  z = z0 + sum_j phi(K_j)
         causal      the same with S_i, z_i summed over j <= i only (L == S required)
 
     (S0, z0) is ``initial_state`` (zeros when None). This equals
-    ``kernel_attention(q, k, v, sim="linear", sim_kwargs={"feature_map": phi})`` whenever
-    every denominator exceeds ``eps`` (always the case for a positive phi such as elu+1).
+    ``kernel_attention(q, k, v, sim="linear", sim_kwargs={"feature_map": phi})``.
 
     Shape legend (PyTorch's SDPA layout)::
 
         q [B, H, L, E]      B batch, H query heads, L query length, E key width
-        k [B, Hk, S, E]     Hk key/value heads, H % Hk == 0 (GQA: query head h uses
-        v [B, Hk, S, Ev]    key/value head h // (H / Hk)); S key length, Ev value width
+        k [B, Hk, S, E]     Hk key/value heads (H == Hk unless enable_gqa; then
+        v [B, Hk, S, Ev]    H % Hk == 0 and query head h uses key/value head
+                            h // (H / Hk)); S key length, Ev value width
         phi: [..., E] -> [..., D']
         o [B, H, L, Ev]     q's dtype
         state.S [B, Hk, D', Ev], state.z [B, Hk, D']   accumulation dtype (fp32; fp64
@@ -372,24 +389,32 @@ def linear_attention(
     Args:
         feature_map: a registered name (:func:`attnkit.feature_maps.available`) or a
             :class:`~attnkit.feature_maps.FeatureMap` instance (use an instance to share
-            e.g. random features with other calls).
+            e.g. random features with other calls). A name of a map with random
+            parameters (``"favor"``) means the seed-0 draw for width E, the same on
+            every call (and drawn on every call: pass an instance to avoid that).
         is_causal: query i sees keys j <= i. Needs L == S; decode with
             :func:`linear_attention_step` or by passing ``initial_state``.
         normalize: divide by phi(Q_i) . z (equation (6)); ``False`` returns the
             numerator phi(Q_i) S alone (z is still tracked in the state).
-        eps: the denominator is ``clamp_min(eps)``-ed, not shifted by ``+ eps``: for any
-            row whose denominator exceeds eps the result is exact (equal to
-            :func:`~attnkit.ops.kernel.kernel_attention`); eps only matters for
-            non-positive feature maps (relu, identity), whose denominators can reach 0.
+        eps: the denominator policy. ``None`` (default): every denominator must be
+            finite and > 0, else ValueError saying how many rows fail. Maps that are not
+            positive (identity, relu, odd-degree polynomials) can give <= 0; positive
+            ones (elu, taylor, favor) only by floating-point underflow of extreme
+            inputs. A float > 0 is a guard that *changes the math*: denominators below
+            it are replaced by it (``clamp_min``, not ``+ eps``), so a row with no
+            weight returns 0 and a row whose signed denominator is near 0 returns a
+            damped value instead of raising; rows above eps are exact.
         chunk_size: chunk length C of the causal form; ``None`` picks
             :func:`auto_chunk_size` (64 for elu at D = M = 64 and for Taylor at
             D = 16). Any positive int is exact; it only
             trades the intra-chunk [C, C] matmuls against the number of chunk states.
         initial_state: ``(S0, z0)`` carried over from an earlier call, e.g. the keys of
-            a previous segment; plain tuples are accepted and cast to the accumulation
-            dtype.
+            a previous segment; plain tuples are accepted and cast up to the
+            accumulation dtype (a wider dtype raises TypeError, never rounds down).
         output_final_state: also return the state after this sequence (S0 + its sums),
             to continue it with ``initial_state`` or :func:`linear_attention_step`.
+        enable_gqa: allow H != Hk (grouped-query attention), as in
+            :func:`attnkit.sdpa`; without it H != Hk raises ValueError.
         implementation: causal only. ``"fast"`` (default) runs the custom autograd
             Function of :mod:`attnkit.ops.linear_chunked`, which recomputes phi and the
             chunk states in the backward pass (training memory O(N (D + M)) per head);
@@ -398,14 +423,33 @@ def linear_attention(
             trainable parameters always take the reference path (the fast backward
             gives gradients to phi's inputs only).
 
+    Queries go through ``phi.query_features`` when normalising (phi times a positive
+    factor per row, which cancels: FAVOR+ uses it to keep queries in range) and
+    through ``phi`` itself otherwise; keys always through ``phi``.
+
+    A non-causal call with no keys (S = 0) and no ``initial_state`` leaves the queries
+    nothing to attend: the output is 0, as for :func:`attnkit.sdpa`.
+
+    Non-finite values: NaN or inf in q or k reach the denominators of the rows they
+    touch (every row for a key, non-causal; the later rows, causal), which raises
+    ValueError. NaN/inf in v_j is not checked: it reaches every row that attends to
+    it and, causal, also the earlier rows of its chunk (the masked intra-chunk
+    product forms 0 * v_j). A
+    finite input never gives a non-finite output: overflow raises, and an fp16/bf16
+    output that would not fit its dtype raises ValueError naming the dtype (only
+    possible for signed maps or ``normalize=False``; a positive map's normalised
+    output is a convex combination of the values).
+
     Cost, N = L = S tokens, D = E, M = Ev: time O(N D' M) (+ O(N C (D' + M)) for the
     causal chunks) versus O(N^2 (D + M)) for softmax; memory O(N D') because phi(Q),
     phi(K) are kept for the backward pass (a recomputing backward would need only
     O(N D + D' M)), plus (N / C) D' M for the causal chunk states. Features and all sums
     are computed in fp32 for fp16/bf16 inputs; the output is cast back to q's dtype.
+    The denominator check is one reduction over the B H L denominators.
     """
-    dims = check_qkv(q, k, v)
-    phi = resolve(feature_map)
+    _check_bool("enable_gqa", enable_gqa)
+    dims = check_qkv(q, k, v, allow_gqa=enable_gqa)
+    phi = resolve(feature_map, dims.E)
     _check_bool("is_causal", is_causal)
     _check_bool("normalize", normalize)
     _check_bool("output_final_state", output_final_state)
@@ -416,7 +460,9 @@ def linear_attention(
             f"k has S={dims.S}; to decode, use linear_attention_step or pass the earlier "
             "tokens as initial_state"
         )
-    chunk = _check_chunk_size(chunk_size, dims.L, phi.out_dim(dims.E), dims.Ev)
+    phi.check_width(dims.E)
+    Dp = phi.out_dim(dims.E)
+    chunk = _check_chunk_size(chunk_size, dims.L, Dp, dims.Ev)
     check_choice("implementation", implementation, IMPLEMENTATIONS)
     if is_causal and implementation == "fast" and _recomputable(phi):
         return _causal_fast(
@@ -425,14 +471,8 @@ def linear_attention(
 
     B, H, Hk, G, L, Ev = dims.B, dims.H, dims.Hk, dims.group_size, dims.L, dims.Ev
     acc = _acc_dtype(q.dtype)
-    fq = _features(phi, "q", q, acc)
-    fk = _features(phi, "k", k, acc)
-    Dp = fk.shape[-1]
-    if fq.shape[-1] != Dp:
-        raise ValueError(
-            f"feature map {type(phi).__name__} gave phi(q) width {fq.shape[-1]} but phi(k) "
-            f"width {Dp}"
-        )
+    fq = _features(phi.query_features if normalize else phi, phi, "q", q, acc, Dp)
+    fk = _features(phi, phi, "k", k, acc, Dp)
     vf = v.to(acc)
     if initial_state is None:
         state = LinearAttentionState(
@@ -445,18 +485,18 @@ def linear_attention(
     # GQA: the G query heads of one key/value head share its state: view, no copies.
     fq5 = fq.reshape(B, Hk, G, L, Dp)
     if is_causal:
-        o5, final = _causal_chunked(fq5, fk, vf, state, chunk, normalize, eps)
+        o5, final = _causal_chunked(fq5, fk, vf, state, chunk, normalize, eps, phi)
         o = o5.reshape(B, H, L, Ev)
     else:
         S = state.S + contract(STATE, fk, vf)  # [B, Hk, D', Ev]
         z = state.z + fk.sum(dim=-2)  # [B, Hk, D']
         final = LinearAttentionState(S, z)
         num = contract(NUMERATOR, fq5, S)  # [B, Hk, G, L, Ev]
-        if normalize:
-            den = contract(DENOMINATOR, fq5, z)  # [B, Hk, G, L]
-            num = num / den.clamp_min(eps).unsqueeze(-1)
+        # No key and no state: nothing to attend; the output is 0, as for SDPA.
+        if normalize and (dims.S > 0 or initial_state is not None):
+            num = normalise(num, contract(DENOMINATOR, fq5, z), phi, eps)  # / [B, Hk, G, L]
         o = num.reshape(B, H, L, Ev)
-    return o.to(q.dtype), (final if output_final_state else None)
+    return finish(o, q.dtype, phi, normalize), (final if output_final_state else None)
 
 
 def linear_attention_step(
@@ -466,14 +506,16 @@ def linear_attention_step(
     state: LinearAttentionState | tuple[Tensor, Tensor] | None,
     feature_map: str | FeatureMap = "elu",
     normalize: bool = True,
-    eps: float = 1e-6,
+    eps: float | None = None,
+    *,
+    enable_gqa: bool = False,
 ) -> tuple[Tensor, LinearAttentionState]:
     r"""One token of causal linear attention as a recurrence; returns ``(o, new_state)``.
 
     ::
 
         S' = S + phi(k)^T v,   z' = z + phi(k)
-        o  = phi(q) S' / max(phi(q) . z', eps)      (phi(q) S' when normalize=False)
+        o  = phi(q) S' / phi(q) . z'      (phi(q) S' when normalize=False)
 
     The token attends to itself (the state is updated before it is read), as in
     causal attention, so a loop of steps equals
@@ -481,35 +523,35 @@ def linear_attention_step(
 
     Shape legend::
 
-        q [B, H, 1, E], k [B, Hk, 1, E], v [B, Hk, 1, Ev]   (H % Hk == 0)
+        q [B, H, 1, E], k [B, Hk, 1, E], v [B, Hk, 1, Ev]   (H == Hk, or H % Hk == 0
+                                                              with enable_gqa)
         state.S [B, Hk, D', Ev], state.z [B, Hk, D']        None -> zeros
         o [B, H, 1, Ev] in q's dtype; new_state in the accumulation dtype (fp32, or
         fp64 for fp64 inputs)
 
     Cost per token: time O(H D' Ev), memory O(Hk D' Ev) for the state, independent of
     how many tokens came before (softmax decoding reads an O(n) cache instead).
-    ``eps`` is a ``clamp_min`` guard, as in :func:`linear_attention`.
+    ``eps``, ``enable_gqa``, the state's dtype and non-finite values: as in
+    :func:`linear_attention`.
     """
-    dims = check_qkv(q, k, v)
+    _check_bool("enable_gqa", enable_gqa)
+    dims = check_qkv(q, k, v, allow_gqa=enable_gqa)
     if dims.L != 1 or dims.S != 1:
         raise ValueError(
             "linear_attention_step takes one token: q must be [B, H, 1, E] and k, v "
             f"[B, Hk, 1, E/Ev], got q length L={dims.L} and k length S={dims.S}; use "
             "linear_attention for whole sequences"
         )
-    phi = resolve(feature_map)
+    phi = resolve(feature_map, dims.E)
     _check_bool("normalize", normalize)
     eps = _check_eps(eps)
+    phi.check_width(dims.E)
+    Dp = phi.out_dim(dims.E)
     B, H, Hk, G, Ev = dims.B, dims.H, dims.Hk, dims.group_size, dims.Ev
     acc = _acc_dtype(q.dtype)
-    fq = _features(phi, "q", q, acc).reshape(B, Hk, G, -1)  # [B, Hk, G, D']
-    fk = _features(phi, "k", k, acc)[:, :, 0]  # [B, Hk, D']
-    Dp = fk.shape[-1]
-    if fq.shape[-1] != Dp:
-        raise ValueError(
-            f"feature map {type(phi).__name__} gave phi(q) width {fq.shape[-1]} but phi(k) "
-            f"width {Dp}"
-        )
+    fq = _features(phi.query_features if normalize else phi, phi, "q", q, acc, Dp)
+    fq = fq.reshape(B, Hk, G, Dp)  # [B, Hk, G, D']
+    fk = _features(phi, phi, "k", k, acc, Dp)[:, :, 0]  # [B, Hk, D']
     vf = v.to(acc)[:, :, 0]  # [B, Hk, Ev]
     if state is None:
         S = torch.zeros(B, Hk, Dp, Ev, dtype=acc, device=q.device)
@@ -520,6 +562,6 @@ def linear_attention_step(
     z = z + fk
     num = contract(STEP_NUMERATOR, fq, S)
     if normalize:
-        den = contract(STEP_DENOMINATOR, fq, z)
-        num = num / den.clamp_min(eps).unsqueeze(-1)
-    return num.reshape(B, H, 1, Ev).to(q.dtype), LinearAttentionState(S, z)
+        num = normalise(num, contract(STEP_DENOMINATOR, fq, z), phi, eps, "linear_attention_step")
+    o = finish(num.reshape(B, H, 1, Ev), q.dtype, phi, normalize, "linear_attention_step")
+    return o, LinearAttentionState(S, z)

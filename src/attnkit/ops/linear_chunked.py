@@ -55,6 +55,7 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from attnkit.feature_maps import FeatureMap
+from attnkit.ops._guards import check_feature_shape, check_linear_denominator, finish
 
 __all__ = ["CPU_TILE_BYTES", "TilePlan", "causal_linear_attention", "plan_tiles"]
 
@@ -329,13 +330,16 @@ class _CausalLinearAttention(torch.autograd.Function):
         phi: FeatureMap,
         C: int,
         normalize: bool,
-        eps: float,
+        eps: float | None,
         plan: TilePlan,
     ) -> tuple[Tensor, Tensor]:
         # q [BHk, G, L, E], k [BHk, L, E], v [BHk, L, M], S0 [BHk, D', M+1] (acc dtype)
         acc = S0.dtype
         BHk, G, L, _ = q.shape
         M = v.shape[-1]
+        Dp = S0.shape[1]
+        # Queries of a normalised call may be rescaled per row (phi.query_features).
+        phi_q = phi.query_features if normalize else phi
         # Detached views for the tile work (phi is a module: hooks such as
         # FlopCounterMode's module tracker must not see inputs that require grad).
         qd, kd, vd, S0d = q.detach(), k.detach(), v.detach(), S0.detach()
@@ -350,8 +354,12 @@ class _CausalLinearAttention(torch.autograd.Function):
             for t0, t1 in _ranges(L, plan.fwd_tokens):
                 T = t1 - t0
                 n = -(-T // C)
-                qc = phi(_chunk_rows(qd[h0:h1, :, t0:t1], n, C, acc))
-                kc = phi(_chunk_rows(kd[h0:h1, None, t0:t1], n, C, acc))
+                xq = _chunk_rows(qd[h0:h1, :, t0:t1], n, C, acc)
+                xk = _chunk_rows(kd[h0:h1, None, t0:t1], n, C, acc)
+                qc, kc = phi_q(xq), phi(xk)
+                if h0 == 0 and t0 == 0:  # a wrong out_dim would fail inside bmm
+                    check_feature_shape(phi, "q", xq, qc, Dp)
+                    check_feature_shape(phi, "k", xk, kc, Dp)
                 if T < n * C:  # padded keys must add nothing (phi(0) != 0 for elu + 1);
                     kc.view(h, n * C, -1)[:, T:] = 0.0  # kc is fresh (phi of a padded copy)
                 vc = _augmented_rows(vd[h0:h1, t0:t1], n, C, acc)
@@ -363,11 +371,15 @@ class _CausalLinearAttention(torch.autograd.Function):
                 S = states[:, -1]
                 o = _unchunk_rows(o, h, G, C, T)
                 den[h0:h1, :, t0:t1] = o[..., M:]
-                if normalize:
-                    torch.div(o[..., :M], o[..., M:].clamp_min(eps), out=out[h0:h1, :, t0:t1])
-                else:
+                if not normalize:
                     out[h0:h1, :, t0:t1] = o[..., :M]
+                elif eps is None:
+                    torch.div(o[..., :M], o[..., M:], out=out[h0:h1, :, t0:t1])
+                else:
+                    torch.div(o[..., :M], o[..., M:].clamp_min(eps), out=out[h0:h1, :, t0:t1])
             final[h0:h1] = S
+        if normalize:  # one reduction over the B H L denominators, after the fact
+            check_linear_denominator(den, phi, eps)
         ctx.save_for_backward(q, k, v, out, den, starts)
         ctx.phi = phi  # type: ignore[attr-defined]
         ctx.chunk = C  # type: ignore[attr-defined]
@@ -381,6 +393,8 @@ class _CausalLinearAttention(torch.autograd.Function):
     def backward(ctx: Any, d_out: Tensor, d_final: Tensor | None) -> tuple[Tensor | None, ...]:
         q, k, v, out, den, starts = ctx.saved_tensors
         phi: FeatureMap = ctx.phi
+        phi_q = phi.query_features if ctx.normalize else phi
+        eps: float | None = ctx.eps
         C: int = ctx.chunk
         plan: TilePlan = ctx.plan
         need_q, need_k, need_v, need_S0 = ctx.needs_input_grad[:4]
@@ -404,17 +418,18 @@ class _CausalLinearAttention(torch.autograd.Function):
                 g = d_out[h0:h1, :, t0:t1].to(acc)
                 if ctx.normalize:
                     d = den[h0:h1, :, t0:t1]
-                    dc = d.clamp_min(ctx.eps)
+                    dc = d if eps is None else d.clamp_min(eps)
                     d_num = g / dc
                     d_den = (g * out[h0:h1, :, t0:t1]).sum(-1, keepdim=True).div_(dc).neg_()
-                    d_den.masked_fill_(d < ctx.eps, 0.0)
+                    if eps is not None:
+                        d_den.masked_fill_(d < eps, 0.0)
                 else:
                     d_num, d_den = g, g.new_zeros((*g.shape[:-1], 1))
                 doc = _chunk_rows(torch.cat([d_num, d_den], dim=-1), n, C, acc)
                 xq = _chunk_rows(q[h0:h1, :, t0:t1], n, C, acc).detach()
                 xk = _chunk_rows(k[h0:h1, None, t0:t1], n, C, acc).detach()
                 with torch.enable_grad():
-                    fq = phi(xq.requires_grad_(need_q))
+                    fq = phi_q(xq.requires_grad_(need_q))
                     fk = phi(xk.requires_grad_(need_k))
                 vc = _augmented_rows(v[h0:h1, t0:t1], n, C, acc)
                 dqc, dkc, dvc, R = _tile_backward(
@@ -443,7 +458,7 @@ def causal_linear_attention(
     z0: Tensor,
     chunk: int,
     normalize: bool,
-    eps: float,
+    eps: float | None,
     *,
     plan: TilePlan | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -454,6 +469,11 @@ def causal_linear_attention(
         q [B, H, L, E], k [B, Hk, L, E], v [B, Hk, L, M]
         S0 [B, Hk, D', M], z0 [B, Hk, D']   in the accumulation dtype ``acc``
         o [B, H, L, M] in q's dtype; S_T, z_T like S0, z0
+
+    Denominators and the output follow :mod:`attnkit.ops._guards` (``eps=None``: every
+    denominator must be finite and > 0, checked once after the forward; a float:
+    clamped, and the backward masks the gradient where it clamped). Queries go through
+    ``phi.query_features`` when ``normalize``.
 
     Callers (``linear_attention``) validate; this function assumes valid input. The
     feature map must have no trainable parameters (its inputs get gradients by
@@ -476,4 +496,5 @@ def causal_linear_attention(
     apply = cast(Callable[..., tuple[Tensor, Tensor]], _CausalLinearAttention.apply)
     out, final = apply(qg, kg, vg, S0a, phi, chunk, normalize, eps, plan)
     final = final.view(B, Hk, Dp, M + 1)
-    return out.reshape(B, H, L, M).to(q.dtype), final[..., :M], final[..., M]
+    o = finish(out.reshape(B, H, L, M), q.dtype, phi, normalize)
+    return o, final[..., :M], final[..., M]

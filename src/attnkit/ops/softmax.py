@@ -177,6 +177,12 @@ def sdpa(
     Fully masked rows: a query that may attend no key gets output 0 (and zero
     gradients), as torch 2.13 does, rather than NaN.
 
+    Non-finite inputs (torch's behaviour, passed through unchecked): a query row with
+    NaN gets 0 from torch's CPU fused kernel (its row maximum is NaN, which the kernel
+    treats like a fully masked row) and NaN from :func:`sdpa_reference`; NaN in a key or
+    value reaches every row, masked or not (0 * NaN is NaN). Finite inputs give finite
+    outputs in every dtype.
+
     Shapes::
 
         q [B, H, L, E], k [B, Hk, S, E], v [B, Hk, S, Ev]
