@@ -10,9 +10,10 @@ import torch
 
 pytest.importorskip("transformers")
 
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM
 
-import attnkit.hf as ah  # noqa: E402
+import attnkit.hf as ah
+
 distill_mod = importlib.import_module("attnkit.hf.distill")  # the module, not the function
 from attnkit.hf.distill import DistillConfig, lm_loss, transfer_loss  # noqa: E402
 
@@ -50,7 +51,8 @@ def _frozen_state(model) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize(
-    "fmap,loss,decay", [("hedgehog", "mse", False), ("t2r", "mse", True), ("hedgehog", "xent", False)]
+    "fmap,loss,decay",
+    [("hedgehog", "mse", False), ("t2r", "mse", True), ("hedgehog", "xent", False)],
 )
 def test_attention_transfer_lowers_its_loss_and_trains_only_the_maps(
     fmap: str, loss: str, decay: bool
@@ -77,9 +79,7 @@ def test_finetune_full_lowers_next_token_loss() -> None:
     model = _model("hedgehog")
     ids = _stream()[:256].reshape(8, 32)
     before = lm_loss(model, ids)
-    cfg = DistillConfig(
-        steps=0, finetune_steps=15, finetune_lr=3e-3, batch_size=8, seq_len=32
-    )
+    cfg = DistillConfig(steps=0, finetune_steps=15, finetune_lr=3e-3, batch_size=8, seq_len=32)
     log = ah.distill(model, ids.reshape(-1), cfg, progress=False)
     assert len(log["finetune_loss"]) == 15
     assert lm_loss(model, ids) < before - 0.05
@@ -89,7 +89,11 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch) -> N
     """Kill stage 1 after 7 of 10 steps (checkpoints every 3), resume: the maps equal an
     uninterrupted run's exactly; fails if batches, optimizer state or steps drift."""
     cfg = DistillConfig(
-        steps=10, finetune_steps=4, finetune_lr=1e-3, batch_size=2, seq_len=16,
+        steps=10,
+        finetune_steps=4,
+        finetune_lr=1e-3,
+        batch_size=2,
+        seq_len=16,
         checkpoint_every=3,
     )
     whole = _model()
@@ -114,7 +118,7 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch) -> N
 
     fresh = _model()  # a new process: nothing but the checkpoint carries the progress
     log = ah.distill(fresh, _stream(), cfg, out=tmp_path / "b", resume=True, progress=False)
-    for (n, p), q in zip(whole.named_parameters(), fresh.parameters()):
+    for (n, p), q in zip(whole.named_parameters(), fresh.parameters(), strict=True):
         torch.testing.assert_close(p, q, atol=0, rtol=0, msg=n)
     ref = json.loads((tmp_path / "a" / "distill.json").read_text())
     assert log["transfer_loss"] == ref["transfer_loss"]
@@ -126,8 +130,12 @@ def test_resume_refuses_a_changed_config(tmp_path) -> None:
     ah.distill(_model(), _stream(), cfg, out=tmp_path, progress=False)
     with pytest.raises(ValueError, match="steps: checkpoint 2, now 3"):
         ah.distill(
-            _model(), _stream(), DistillConfig(steps=3, batch_size=2, seq_len=16),
-            out=tmp_path, resume=True, progress=False,
+            _model(),
+            _stream(),
+            DistillConfig(steps=3, batch_size=2, seq_len=16),
+            out=tmp_path,
+            resume=True,
+            progress=False,
         )
 
 
@@ -143,8 +151,15 @@ def test_bad_inputs_are_named() -> None:
         DistillConfig(finetune="half")
     with pytest.raises(ValueError, match="lr must be a float > 0"):
         DistillConfig(lr=0.0)
-    plain = LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=16, num_hidden_layers=1,
-                                         num_attention_heads=2, intermediate_size=16))
+    plain = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=V,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=16,
+        )
+    )
     with pytest.raises(ValueError, match="linearize first"):
         ah.distill(plain, _stream(), progress=False)
 

@@ -208,7 +208,9 @@ def test_beam_search_reorders_the_state() -> None:
     model = ah.linearize(_llama(), "elu")
     ids = torch.randint(1, V, (1, 4))
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), num_beams=3, max_new_tokens=4)
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), num_beams=3, max_new_tokens=4
+        )
     assert out.shape == (1, 8)
 
 
@@ -233,7 +235,7 @@ def test_unsupported_architecture_lists_the_supported_ones() -> None:
 
 
 def test_bad_arguments_are_named() -> None:
-    with pytest.raises(ValueError, match="unknown feature_map 'nope'.*hedgehog.*t2r.*elu"):
+    with pytest.raises(ValueError, match=r"unknown feature_map 'nope'.*hedgehog.*t2r.*elu"):
         ah.linearize(_llama(), "nope")
     with pytest.raises(ValueError, match="eps must be finite and > 0"):
         ah.linearize(_llama(), eps=0.0)
@@ -265,7 +267,8 @@ def test_save_load_round_trip(tmp_path) -> None:
     ah.save_linearized(model, tmp_path / "m")
     loaded = ah.load_linearized(tmp_path / "m")
     assert ah.is_linearized(loaded)
-    for (n1, p1), (n2, p2) in zip(model.state_dict().items(), loaded.state_dict().items()):
+    pairs = zip(model.state_dict().items(), loaded.state_dict().items(), strict=True)
+    for (n1, p1), (n2, p2) in pairs:
         assert n1 == n2
         torch.testing.assert_close(p1, p2, atol=0, rtol=0)
     ids = torch.randint(1, V, (2, 9))
@@ -314,7 +317,7 @@ def test_t2r_is_relu_of_an_affine_map_and_can_be_zero() -> None:
 
 
 def test_build_rejects_unknown_names() -> None:
-    with pytest.raises(ValueError, match="unknown feature map 'x'"):
+    with pytest.raises(ValueError, match=r"unknown feature map .x."):
         maps.build("x", 2, 4)
     assert maps.build("favor", 2, 4, feature_dim=16).out_features == 16
 
@@ -343,9 +346,13 @@ def test_decayed_chunked_equals_reference_outputs_states_gradients(L: int, chunk
         torch.testing.assert_close(a, b)
     w = [torch.randn_like(t) for t in (o1, S1, z1)]
     kw = {"allow_unused": True, "materialize_grads": True}  # L = 0 leaves fq, fk, v unused
-    g1 = torch.autograd.grad(sum((a * b).sum() for a, b in zip((o1, S1, z1), w)), leaves, **kw)
-    g2 = torch.autograd.grad(sum((a * b).sum() for a, b in zip((o2, S2, z2), w)), leaves, **kw)
-    for a, b in zip(g1, g2):
+
+    def dot(outs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return sum(((a * b).sum() for a, b in zip(outs, w, strict=True)), torch.zeros(()))
+
+    g1 = torch.autograd.grad(dot((o1, S1, z1)), leaves, **kw)
+    g2 = torch.autograd.grad(dot((o2, S2, z2)), leaves, **kw)
+    for a, b in zip(g1, g2, strict=True):
         torch.testing.assert_close(a, b)
 
 

@@ -176,7 +176,9 @@ def lm_loss(model: nn.Module, input_ids: Tensor) -> float:
 
 
 @contextlib.contextmanager
-def _progress(show: bool, total: int, done: int, label: str) -> Iterator[Callable[[int, str], None]]:
+def _progress(
+    show: bool, total: int, done: int, label: str
+) -> Iterator[Callable[[int, str], None]]:
     if not show or total == 0:
         yield lambda step, status: None
         return
@@ -340,7 +342,7 @@ def distill(
                     batch = _batch(data, cfg, 1, step).to(dev)
                     loss = _transfer_step(model, batch, cfg.loss)
                     opt.zero_grad(set_to_none=True)
-                    loss.backward()
+                    torch.autograd.backward(loss)
                     opt.step()
                     log["transfer_loss"].append(loss.item())
                     update(step + 1, f"loss {loss.item():.4g}")
@@ -369,7 +371,7 @@ def distill(
                     batch = _batch(data, cfg, 2, step).to(dev)
                     loss = net(input_ids=batch, labels=batch, use_cache=False).loss
                     opt2.zero_grad(set_to_none=True)
-                    loss.backward()
+                    torch.autograd.backward(loss)
                     opt2.step()
                     log["finetune_loss"].append(loss.item())
                     update(step + 1, f"loss {loss.item():.4g}")

@@ -95,10 +95,10 @@ _MODES: tuple[str, ...] = ("linear", "softmax", "transfer")
 
 # linear_attention is gaining sdpa's enable_gqa (required for grouped heads); pass it only
 # where the installed attnkit knows it, so this module works before and after that change.
-_GQA_KW: dict[str, bool] = (
+_GQA_KW: dict[str, Any] = (
     {"enable_gqa": True} if "enable_gqa" in inspect.signature(linear_attention).parameters else {}
 )
-_GQA_KW_STEP: dict[str, bool] = (
+_GQA_KW_STEP: dict[str, Any] = (
     {"enable_gqa": True}
     if "enable_gqa" in inspect.signature(linear_attention_step).parameters
     else {}
@@ -131,7 +131,7 @@ class LinearizeSpec:
 # --------------------------------------------------------------------------------------
 
 
-class LinearStateLayer(CacheLayerMixin):  # type: ignore[misc]
+class LinearStateLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]
     """A cache layer holding a recurrent state instead of keys and values.
 
     ``state`` = (S [B, Hk, D', Ev], z [B, Hk, D']) in fp32 and ``tokens`` = positions
@@ -145,7 +145,7 @@ class LinearStateLayer(CacheLayerMixin):  # type: ignore[misc]
     supports_early_init = False
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.state: tuple[Tensor, Tensor] | None = None
         self.tokens = 0
 
@@ -319,13 +319,16 @@ class LinearizedAttention(nn.Module):
     k [B, Hk, L, D], v [B, Hk, L, Dv], phi_q(q) [B, H, L, D'], phi_k(k) [B, Hk, L, D'].
     """
 
-    def __init__(self, original: nn.Module, spec: LinearizeSpec, layer_idx: int) -> None:
+    def __init__(self, module: nn.Module, spec: LinearizeSpec, layer_idx: int) -> None:
         super().__init__()
+        original: Any = module  # an HF attention module (LlamaAttention, Qwen3Attention, ...)
         config = original.config
         self.config = config
         self.layer_idx = layer_idx
-        self.q_proj, self.k_proj = original.q_proj, original.k_proj
-        self.v_proj, self.o_proj = original.v_proj, original.o_proj
+        self.q_proj: nn.Module = original.q_proj
+        self.k_proj: nn.Module = original.k_proj
+        self.v_proj: nn.Module = original.v_proj
+        self.o_proj: nn.Module = original.o_proj
         self.q_norm: nn.Module | None = getattr(original, "q_norm", None)
         self.k_norm: nn.Module | None = getattr(original, "k_norm", None)
         self.head_dim = int(original.head_dim)
@@ -565,7 +568,8 @@ class LinearizedAttention(nn.Module):
 def _check_supported(model: object) -> str:
     if not isinstance(model, PreTrainedModel):
         raise TypeError(
-            f"linearize takes a transformers PreTrainedModel (a causal LM), got {type(model).__name__}"
+            "linearize takes a transformers PreTrainedModel (a causal LM), got "
+            f"{type(model).__name__}"
         )
     model_type = getattr(model.config, "model_type", None)
     if model_type not in SUPPORTED:
@@ -643,7 +647,8 @@ def linearize(
     if not found:
         raise ValueError(f"no {target} module found in {type(model).__name__}")
     for parent, name, child in found:
-        setattr(parent, name, LinearizedAttention(child, spec, int(child.layer_idx)))
+        idx: Any = child.layer_idx
+        setattr(parent, name, LinearizedAttention(child, spec, int(idx)))
     _register()
     model.config._attn_implementation = ATTN_IMPLEMENTATION
     setattr(model.config, SPEC_KEY, spec.to_dict())
@@ -675,7 +680,7 @@ def attention_mode(
             m.transfer_loss = None
         yield mods
     finally:
-        for m, (md, kind) in zip(mods, before):
+        for m, (md, kind) in zip(mods, before, strict=True):
             m.mode, m.transfer_loss_kind = md, kind
             m.transfer_loss = None
 
@@ -716,7 +721,7 @@ def load_linearized(path: str | Path, **from_pretrained_kwargs: Any) -> PreTrain
     spec = LinearizeSpec.from_dict(raw)
     # The feature-map weights are not the base model's: silence its "unused weights" note.
     verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
     try:
         model = AutoModelForCausalLM.from_pretrained(path, config=config, **from_pretrained_kwargs)
     finally:

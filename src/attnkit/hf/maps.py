@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from attnkit import feature_maps as _fm
 from attnkit._validation import check_int
 
-__all__ = ["LEARNABLE", "Fixed", "Hedgehog", "HeadwiseMap", "T2R", "available", "build"]
+__all__ = ["LEARNABLE", "T2R", "Fixed", "HeadwiseMap", "Hedgehog", "available", "build"]
 
 #: Names of the trainable per-head maps (:func:`build` also takes every fixed map name).
 LEARNABLE: tuple[str, ...] = ("hedgehog", "t2r")
@@ -69,7 +69,9 @@ class _Linear(HeadwiseMap):
         super().__init__()
         self.heads = check_int("heads", heads, 1)
         self.dim = check_int("dim", dim, 1)
-        self.feature_dim = self.dim if feature_dim is None else check_int("feature_dim", feature_dim, 1)
+        self.feature_dim = (
+            self.dim if feature_dim is None else check_int("feature_dim", feature_dim, 1)
+        )
         gen = torch.Generator().manual_seed(seed)
         # Identity where it fits (the map starts as the plain nonlinearity of q and k), small
         # random columns beyond D.
@@ -78,9 +80,9 @@ class _Linear(HeadwiseMap):
         w[:, torch.arange(n), torch.arange(n)] = 1.0
         if self.feature_dim > self.dim:
             extra = self.feature_dim - self.dim
-            w[:, :, self.dim :] = torch.randn(self.heads, self.dim, extra, generator=gen) / math.sqrt(
-                self.dim
-            )
+            w[:, :, self.dim :] = torch.randn(
+                self.heads, self.dim, extra, generator=gen
+            ) / math.sqrt(self.dim)
         self.weight = nn.Parameter(w)
         self.bias = nn.Parameter(torch.zeros(self.heads, self.feature_dim))
 
@@ -142,7 +144,8 @@ class Fixed(HeadwiseMap):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check(x)
-        return self.map(x)
+        y: Tensor = self.map(x)
+        return y
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, dim={self.dim}, out_features={self.out_features}"
