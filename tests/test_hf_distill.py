@@ -175,3 +175,67 @@ def test_lora_finetune_merges_back_into_a_plain_model() -> None:
     ah.distill(model, ids.reshape(-1), cfg, progress=False)
     assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear  # merged
     assert lm_loss(model, ids) < before
+
+
+# ---- the command line ---------------------------------------------------------------------
+
+
+def test_cli_linearize_distills_saves_and_resumes(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from attnkit.cli import app
+
+    torch.manual_seed(0)
+    src = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=V,
+            hidden_size=32,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            initializer_range=0.1,
+        )
+    )
+    src.save_pretrained(tmp_path / "src")
+    torch.save(_stream(600), tmp_path / "tokens.pt")
+    args = [
+        "linearize",
+        str(tmp_path / "src"),
+        str(tmp_path / "out"),
+        "--tokens",
+        str(tmp_path / "tokens.pt"),
+        "--steps",
+        "6",
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "2",
+        "--decay",
+        "--no-progress",
+    ]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "attention transfer: loss" in res.output
+    model = ah.load_linearized(tmp_path / "out")
+    assert ah.is_linearized(model) and model.config.attnkit_linearize["decay"] is True
+    log = json.loads((tmp_path / "out" / "distill" / "distill.json").read_text())
+    assert len(log["transfer_loss"]) == 6
+    again = CliRunner().invoke(app, [*args, "--resume"])  # nothing left to do
+    assert again.exit_code == 0, again.output
+    log = json.loads((tmp_path / "out" / "distill" / "distill.json").read_text())
+    assert len(log["transfer_loss"]) == 6  # the finished run was not repeated
+
+
+def test_cli_linearize_names_unsupported_models(tmp_path) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from typer.testing import CliRunner
+
+    from attnkit.cli import app
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=V)).save_pretrained(
+        tmp_path / "gpt2"
+    )
+    res = CliRunner().invoke(app, ["linearize", str(tmp_path / "gpt2"), str(tmp_path / "o")])
+    assert res.exit_code == 1
+    assert "model_type='gpt2'" in res.output and "llama" in res.output

@@ -75,7 +75,7 @@ class LinearizeSettings:
 
 
 SETTINGS: dict[str, LinearizeSettings] = {
-    "test": LinearizeSettings(16, 2, 24, 16, 30, 10, 10, (("hedgehog", True),), (16, 64), 3, 32),
+    "test": LinearizeSettings(16, 2, 16, 8, 20, 5, 5, (("hedgehog", True),), (16, 48), 2, 16),
     "quick": LinearizeSettings(
         32,
         2,
@@ -215,6 +215,7 @@ def run(ctx: Context) -> ExperimentResult:
     h_tri, h_bi = lang.entropies()
     held = lang.sample(s.eval_sequences, s.seq_len, torch.Generator().manual_seed(SEED + 1))
     stream = lang.sample(512, s.seq_len, torch.Generator().manual_seed(SEED + 2))
+    labels = ", ".join(_label(m, d) for m, d in s.maps)
     result = ExperimentResult(
         name="linearize",
         title="Linearizing a trained softmax transformer, and decoding it in constant memory",
@@ -224,7 +225,7 @@ def run(ctx: Context) -> ExperimentResult:
             f"A 2-layer Llama (d_model 64, 4 query heads sharing 2 key/value heads, RoPE) "
             f"trained {s.teacher_steps} steps (batch {s.batch} x {s.seq_len} tokens) on a "
             f"random trigram language (V = {s.vocab}, {s.branching} successors per context); "
-            f"copies converted with attnkit.hf.linearize ({', '.join(_label(m, d) for m, d in s.maps)}), "
+            f"copies converted with attnkit.hf.linearize ({labels}), "
             f"then {s.transfer_steps} attention-transfer steps (feature maps only) and "
             f"{s.finetune_steps} fine-tune steps (all weights) with attnkit.hf.distill on "
             f"512 sequences of the language; the same linear model trained from scratch for "
