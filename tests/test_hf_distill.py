@@ -228,14 +228,20 @@ def test_cli_linearize_distills_saves_and_resumes(tmp_path) -> None:
 
 
 def test_cli_linearize_names_unsupported_models(tmp_path) -> None:
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import OPTConfig, OPTForCausalLM
     from typer.testing import CliRunner
 
     from attnkit.cli import app
 
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=V)).save_pretrained(
-        tmp_path / "gpt2"
+    cfg = OPTConfig(
+        vocab_size=V,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        ffn_dim=16,
+        word_embed_proj_dim=16,
     )
-    res = CliRunner().invoke(app, ["linearize", str(tmp_path / "gpt2"), str(tmp_path / "o")])
+    OPTForCausalLM(cfg).save_pretrained(tmp_path / "opt")
+    res = CliRunner().invoke(app, ["linearize", str(tmp_path / "opt"), str(tmp_path / "o")])
     assert res.exit_code == 1
-    assert "model_type='gpt2'" in res.output and "llama" in res.output
+    assert "model_type='opt'" in res.output and "llama" in res.output

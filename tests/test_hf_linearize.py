@@ -17,6 +17,8 @@ from transformers import (  # noqa: E402
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
@@ -59,10 +61,21 @@ def _model(arch: str) -> transformers.PreTrainedModel:
         return Qwen2ForCausalLM(Qwen2Config(**SMALL)).eval()  # q/k/v biases
     if arch == "qwen3":
         return Qwen3ForCausalLM(Qwen3Config(**SMALL, head_dim=10)).eval()  # q/k norms, D=10
+    if arch == "gpt2":
+        # Fused c_attn, absolute positions, and the optional 1 / (layer + 1) score scale.
+        cfg = GPT2Config(
+            vocab_size=V,
+            n_embd=48,
+            n_layer=2,
+            n_head=6,
+            n_positions=256,
+            scale_attn_by_inverse_layer_idx=True,
+        )
+        return GPT2LMHeadModel(cfg).eval()
     raise AssertionError(arch)
 
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gpt2"]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -227,9 +240,21 @@ def test_a_4d_mask_is_refused_with_the_shape() -> None:
 
 
 def test_unsupported_architecture_lists_the_supported_ones() -> None:
-    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=V))
-    with pytest.raises(ValueError, match=r"model_type='gpt2'.*llama.*mistral.*qwen2.*qwen3"):
-        ah.linearize(gpt2)
+    opt = OPTForCausalLM(
+        OPTConfig(
+            vocab_size=V,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            ffn_dim=16,
+            word_embed_proj_dim=16,
+        )
+    )
+    with pytest.raises(ValueError, match=r"model_type='opt'.*gpt2.*llama.*mistral.*qwen2.*qwen3"):
+        ah.linearize(opt)
+    cross = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, add_cross_attention=True))
+    with pytest.raises(ValueError, match="cross-attention"):
+        ah.linearize(cross)
     with pytest.raises(TypeError, match="PreTrainedModel"):
         ah.linearize(torch.nn.Linear(2, 2))  # type: ignore[arg-type]
 

@@ -30,10 +30,11 @@ whose mask function hands each layer the 2D padding mask of its new tokens
 state; left-padded batches decode exactly like each sequence alone (given the same
 ``position_ids``, which ``generate()`` derives from the mask).
 
-Supported architectures (``config.model_type``): :data:`SUPPORTED`. Every attention layer
-is converted; a sliding window of the original (Mistral, Qwen2) is honoured by the
-softmax teacher during distillation, while the converted layer attends to its whole
-prefix through its state.
+Supported architectures (``config.model_type``): :data:`SUPPORTED` (Llama, Mistral, Qwen2,
+Qwen3 and GPT-2, whose fused ``c_attn`` and absolute positions need no RoPE). Every
+attention layer is converted; a sliding window of the original (Mistral, Qwen2) is
+honoured by the softmax teacher during distillation, while the converted layer attends
+to its whole prefix through its state.
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ __all__ = [
 
 #: ``config.model_type`` -> the attention class :func:`linearize` converts.
 SUPPORTED: dict[str, str] = {
+    "gpt2": "GPT2Attention",
     "llama": "LlamaAttention",
     "mistral": "MistralAttention",
     "qwen2": "Qwen2Attention",
@@ -304,10 +306,10 @@ class LinearizedAttention(nn.Module):
     r"""Causal linear attention in place of one softmax attention module of an HF model.
 
     Keeps the original module's ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` (and
-    ``q_norm``, ``k_norm``) under their names, so the state-dict keys of the model do not
-    change; adds ``feature_map_q`` (one set of weights per query head), ``feature_map_k``
-    (per key/value head) and, with a decay gate, ``decay_logit`` [Hk]
-    (gamma = sigmoid(decay_logit)).
+    ``q_norm``, ``k_norm``; GPT-2's ``c_attn``, ``c_proj``) under their names, so the
+    state-dict keys of the model do not change; adds ``feature_map_q`` (one set of weights
+    per query head), ``feature_map_k`` (per key/value head) and, with a decay gate,
+    ``decay_logit`` [Hk] (gamma = sigmoid(decay_logit)).
 
     Modes (:func:`attention_mode`): ``"linear"`` (default; the converted model),
     ``"softmax"`` (the original softmax attention through the same projections: the
@@ -321,28 +323,35 @@ class LinearizedAttention(nn.Module):
 
     def __init__(self, module: nn.Module, spec: LinearizeSpec, layer_idx: int) -> None:
         super().__init__()
-        original: Any = module  # an HF attention module (LlamaAttention, Qwen3Attention, ...)
+        original: Any = module  # an HF attention module (LlamaAttention, GPT2Attention, ...)
         config = original.config
         self.config = config
         self.layer_idx = layer_idx
-        self.q_proj: nn.Module = original.q_proj
-        self.k_proj: nn.Module = original.k_proj
-        self.v_proj: nn.Module = original.v_proj
-        self.o_proj: nn.Module = original.o_proj
+        self.head_dim = int(original.head_dim)
+        self.scaling = float(original.scaling)  # GPT-2's includes its 1 / (layer + 1) option
         self.q_norm: nn.Module | None = getattr(original, "q_norm", None)
         self.k_norm: nn.Module | None = getattr(original, "k_norm", None)
-        self.head_dim = int(original.head_dim)
-        self.num_heads = int(config.num_attention_heads)
-        self.num_kv_heads = int(config.num_key_value_heads)
-        self.scaling = float(original.scaling)
-        window = getattr(original, "sliding_window", None)
-        if window is None and type(original).__name__ == "MistralAttention":
-            window = getattr(config, "sliding_window", None)
-        self.sliding_window: int | None = int(window) if window is not None else None
-        # The original module's RoPE function (same module namespace as its class).
-        self._rope: Callable[..., tuple[Tensor, Tensor]] = sys.modules[
-            type(original).__module__
-        ].apply_rotary_pos_emb
+        self._rope: Callable[..., tuple[Tensor, Tensor]] | None = None
+        if hasattr(original, "c_attn"):
+            # GPT-2: one fused Conv1D for q, k, v, learned absolute positions (no RoPE).
+            self.c_attn: nn.Module = original.c_attn
+            self.c_proj: nn.Module = original.c_proj
+            self.resid_dropout: nn.Module = original.resid_dropout
+            self.num_heads = self.num_kv_heads = int(original.num_heads)
+            self.sliding_window: int | None = None
+        else:
+            self.q_proj: nn.Module = original.q_proj
+            self.k_proj: nn.Module = original.k_proj
+            self.v_proj: nn.Module = original.v_proj
+            self.o_proj: nn.Module = original.o_proj
+            self.num_heads = int(config.num_attention_heads)
+            self.num_kv_heads = int(config.num_key_value_heads)
+            window = getattr(original, "sliding_window", None)
+            if window is None and type(original).__name__ == "MistralAttention":
+                window = getattr(config, "sliding_window", None)
+            self.sliding_window = int(window) if window is not None else None
+            # The original module's RoPE function (same module namespace as its class).
+            self._rope = sys.modules[type(original).__module__].apply_rotary_pos_emb
         self.spec = spec
         seed = spec.seed + 1000 * layer_idx
         self.feature_map_q = _maps.build(
@@ -364,7 +373,7 @@ class LinearizedAttention(nn.Module):
         self.mode: Mode = "linear"
         self.transfer_loss_kind = "mse"
         self.transfer_loss: Tensor | None = None
-        ref = original.q_proj.weight
+        ref = (original.c_attn if hasattr(original, "c_attn") else original.q_proj).weight
         self.feature_map_q.to(device=ref.device, dtype=ref.dtype)
         self.feature_map_k.to(device=ref.device, dtype=ref.dtype)
         if self.decay_logit is not None:
@@ -382,6 +391,14 @@ class LinearizedAttention(nn.Module):
         """q [B, H, L, D], k [B, Hk, L, D], v [B, Hk, L, Dv] exactly as the original module."""
         B, L, _ = hidden_states.shape
         shape = (B, L, -1, self.head_dim)
+        if self._rope is None:  # GPT-2
+            width = self.num_heads * self.head_dim
+            qf, kf, vf = self.c_attn(hidden_states).split(width, dim=2)
+            return (
+                qf.view(shape).transpose(1, 2),
+                kf.view(shape).transpose(1, 2),
+                vf.view(shape).transpose(1, 2),
+            )
         q = self.q_proj(hidden_states).view(shape)
         k = self.k_proj(hidden_states).view(shape)
         if self.q_norm is not None:
@@ -390,7 +407,7 @@ class LinearizedAttention(nn.Module):
             k = self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
-        if position_embeddings is None:
+        if position_embeddings is None:  # Llama-family layers always pass (cos, sin)
             raise ValueError(
                 "position_embeddings (cos, sin) is required: the model's decoder layers pass it"
             )
@@ -514,7 +531,11 @@ class LinearizedAttention(nn.Module):
 
     def _out(self, o: Tensor) -> Tensor:
         B, _, L, _ = o.shape
-        out: Tensor = self.o_proj(o.transpose(1, 2).reshape(B, L, -1))
+        flat = o.transpose(1, 2).reshape(B, L, -1)
+        if self._rope is None:  # GPT-2
+            gpt2: Tensor = self.resid_dropout(self.c_proj(flat))
+            return gpt2
+        out: Tensor = self.o_proj(flat)
         return out
 
     # ---- forward ----------------------------------------------------------------------
@@ -605,7 +626,8 @@ def linearize(
 
     Args:
         model: a causal LM of a supported architecture (:data:`SUPPORTED`: Llama, Mistral,
-            Qwen2, Qwen3), e.g. ``LlamaForCausalLM``. Its weights are reused, not copied.
+            Qwen2, Qwen3, GPT-2), e.g. ``LlamaForCausalLM``. Its weights are reused, not
+            copied.
         feature_map: ``"hedgehog"`` (trainable, Zhang et al. 2024), ``"t2r"`` (trainable,
             Kasai et al. 2021), or a fixed map of :mod:`attnkit.feature_maps` (``"elu"``,
             ``"taylor"``, ``"favor"``, ...), one instance per layer; learnable maps carry
@@ -643,6 +665,11 @@ def linearize(
     for parent in model.modules():
         for name, child in parent.named_children():
             if type(child).__name__ == target:
+                if getattr(child, "is_cross_attention", False):
+                    raise ValueError(
+                        f"{type(model).__name__} has cross-attention ({name}); only decoder-only "
+                        "models can be linearized"
+                    )
                 found.append((parent, name, child))
     if not found:
         raise ValueError(f"no {target} module found in {type(model).__name__}")
