@@ -91,10 +91,12 @@ def _register_subcommands() -> None:
     from attnkit.bench.cli import register as register_bench
     from attnkit.cost.cli import register as register_cost
     from attnkit.lab.cli import register as register_lab
+    from attnkit.linearize_cli import register as register_linearize
 
     register_lab(app)
     register_cost(app)
     register_bench(app)
+    register_linearize(app)
 
 
 _register_subcommands()
