@@ -388,7 +388,13 @@ def test_decay_zero_is_plain_causal_linear_attention() -> None:
     fq, fk, v, _ = _features(1, 4, 2, 9, 6, 5)
     o, _ = decayed_chunked(fq, fk, v, torch.zeros(2, dtype=torch.float64), chunk_size=4)
     ref = attnkit.kernel_attention(
-        fq, fk, v, sim="linear", sim_kwargs={"feature_map": "identity"}, is_causal=True
+        fq,
+        fk,
+        v,
+        sim="linear",
+        sim_kwargs={"feature_map": "identity"},
+        is_causal=True,
+        enable_gqa=True,
     )
     torch.testing.assert_close(o, ref)
 

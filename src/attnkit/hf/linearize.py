@@ -40,7 +40,6 @@ to its whole prefix through its state.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import math
 import sys
@@ -94,17 +93,6 @@ _FORMAT = "attnkit.hf.linearize/1"
 
 Mode = Literal["linear", "softmax", "transfer"]
 _MODES: tuple[str, ...] = ("linear", "softmax", "transfer")
-
-# linear_attention is gaining sdpa's enable_gqa (required for grouped heads); pass it only
-# where the installed attnkit knows it, so this module works before and after that change.
-_GQA_KW: dict[str, Any] = (
-    {"enable_gqa": True} if "enable_gqa" in inspect.signature(linear_attention).parameters else {}
-)
-_GQA_KW_STEP: dict[str, Any] = (
-    {"enable_gqa": True}
-    if "enable_gqa" in inspect.signature(linear_attention_step).parameters
-    else {}
-)
 
 
 @dataclass(frozen=True)
@@ -440,7 +428,7 @@ class LinearizedAttention(nn.Module):
             return decayed_chunked(fq, fk, v, lg, state, eps, self.spec.chunk_size)
         if L == 1:
             o, st = linear_attention_step(
-                fq, fk, v, state, feature_map="identity", eps=eps, **_GQA_KW_STEP
+                fq, fk, v, state, feature_map="identity", eps=eps, enable_gqa=True
             )
             return o, (st.S, st.z)
         o, fin = linear_attention(
@@ -452,7 +440,7 @@ class LinearizedAttention(nn.Module):
             eps=eps,
             initial_state=state,
             output_final_state=True,
-            **_GQA_KW,
+            enable_gqa=True,
         )
         assert fin is not None  # output_final_state=True
         return o, (fin.S, fin.z)
