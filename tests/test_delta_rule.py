@@ -12,7 +12,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import attnkit
+from attnkit.ops import gated_chunked
 from attnkit.ops.delta.reference import chunked_delta, recurrent_delta
+from attnkit.ops.gated_chunked import Plan
+from attnkit.ops.gated_common import check_gated_inputs
 from gated_inputs import assert_same, make_inputs, outputs_and_grads
 
 # (B, Hq, Hk, Hv, L, D, M): L = 0 and 1, odd L, L not divisible by the chunk, D not a
@@ -277,3 +280,104 @@ def test_output_in_input_dtype_state_in_fp32(dtype: torch.dtype) -> None:
     assert o.dtype == dtype and S is not None and S.dtype == torch.float32
     o, S = attnkit.delta_rule_step(q[:, :, :1], k[:, :, :1], v[:, :, :1], beta[:, :, :1])
     assert o.dtype == dtype and S.dtype == torch.float32
+
+
+# ---- the tiled Function and its building blocks ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "plan",
+    [Plan(8, 1, 8, 1), Plan(16, 2, 8, 3), Plan(24, 3, 16, 1)],
+    ids=["tiny-tiles", "mixed", "long-fwd"],
+)
+@pytest.mark.parametrize("gate", GATES)
+def test_many_tiles_equal_reference(plan: Plan, gate: str | None) -> None:
+    # grouped value heads (index gathers, gradients accumulated over state heads) and
+    # grouped query heads, cut into many tiles along heads and tokens
+    for shape in [(2, 2, 1, 4, 37, 5, 3), (1, 6, 2, 2, 29, 4, 3)]:
+        inp = make_inputs(*shape, gate=gate, beta_max=2.0)
+
+        def tiled(q, k, v, g, beta, S0, _shape=shape):
+            dims = check_gated_inputs(
+                q, k, v, g, beta, enable_gqa=True, need_g=False, need_beta=True
+            )
+            return gated_chunked.chunked_attention(
+                q, k, v, g, beta, S0, dims, scale=0.5, chunk=8, use_qk_l2norm=True, plan=plan
+            )
+
+        def reference(q, k, v, g, beta, S0):
+            return attnkit.delta_rule_reference(
+                q,
+                k,
+                v,
+                beta,
+                g,
+                scale=0.5,
+                use_qk_l2norm=True,
+                initial_state=S0,
+                output_final_state=True,
+                enable_gqa=True,
+            )
+
+        assert_same(
+            outputs_and_grads(tiled, inp),
+            outputs_and_grads(reference, inp),
+            atol=1e-10,
+            rtol=1e-10,
+        )
+
+
+@pytest.mark.parametrize("strict", [False, True])
+@pytest.mark.parametrize("C", [64, 48, 7])
+def test_channel_scores_equal_the_exact_sum_even_at_g_minus_20(C: int, strict: bool) -> None:
+    # g down to -20 per token: the chunk's cumulative decay reaches ~-600, so the naive
+    # factorisation (x exp(G)) (y exp(-G))^T overflows; the sub-chunked one must not.
+    N, G, D = 3, 2, 5
+    x = torch.randn(N, G * C, D, dtype=torch.float64)
+    y = torch.randn(N, C, D, dtype=torch.float64)
+    g = -20 * torch.rand(N, C, D, dtype=torch.float64)
+    Gc = g.cumsum(1)
+    got = gated_chunked.channel_scores(x, y, Gc, G, strict)
+    diff = Gc[:, :, None, :] - Gc[:, None, :, :]  # [N, i, j, D]
+    keep = torch.ones(C, C, dtype=torch.bool).tril(-1 if strict else 0)
+    w = diff.masked_fill(~keep[..., None], float("-inf")).exp()
+    expect = torch.einsum("ngid,njd,nijd->ngij", x.view(N, G, C, D), y, w).reshape(N, G * C, C)
+    torch.testing.assert_close(got, expect, atol=1e-12, rtol=1e-12)
+    # in fp32 the naive factorisation overflows once the cumulative decay passes ~88
+    x32, y32, G32 = x.float(), y.float(), Gc.float()
+    naive = (x32.view(N, G, C, D) * G32.exp()[:, None]) @ (y32 * (-G32).exp()).transpose(1, 2)[
+        :, None
+    ]
+    if C > 5:
+        assert not torch.isfinite(naive).all()  # what the safe scheme avoids
+    got32 = gated_chunked.channel_scores(x32, y32, G32, G, strict)
+    assert torch.isfinite(got32).all()
+    torch.testing.assert_close(got32.double(), expect, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("C", [1, 5, 16, 48, 64, 128])
+def test_unit_lower_inverse(C: int) -> None:
+    A = torch.randn(4, C, C, dtype=torch.float64).tril(-1) * 0.3
+    T = gated_chunked.unit_lower_inverse(A)
+    eye = torch.eye(C, dtype=torch.float64)
+    torch.testing.assert_close(T @ (eye + A), eye.expand(4, C, C), atol=1e-10, rtol=0)
+    assert torch.equal(T.triu(1), torch.zeros_like(T))
+
+
+@pytest.mark.parametrize("gate", GATES)
+def test_strong_decay_fp32_matches_fp64_reference(gate: str | None) -> None:
+    # g down to -20 per token, fp32 inputs: finite and equal to the fp64 recurrence
+    inp = make_inputs(1, 2, 2, 2, 150, 16, 8, gate=gate, g_min=-20.0, beta_max=2.0)
+    o64, S64 = ref()(*inp)
+    f32 = inp._replace(
+        q=inp.q.float(),
+        k=inp.k.float(),
+        v=inp.v.float(),
+        beta=inp.beta.float(),
+        g=None if inp.g is None else inp.g.float(),
+        S0=inp.S0.float(),
+    )
+    o, S = fast(None)(*f32)
+    assert torch.isfinite(o).all() and torch.isfinite(S).all()
+    torch.testing.assert_close(o.double(), o64, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(S.double(), S64, atol=1e-4, rtol=1e-4)
