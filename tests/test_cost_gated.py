@@ -54,3 +54,24 @@ def test_big_o() -> None:
     )
     B, Hv, L = (cost.SYMBOLS[x] for x in ("B", "Hv", "L"))
     assert (extra - 2 * B * Hv * L * (2 * C * D + C * M + D * M)).expand() == 0
+
+
+@pytest.mark.parametrize("C", [1, 4, 64])
+def test_useful_flops_are_the_models_minus_the_masked_triangles(C: int) -> None:
+    from attnkit.bench.cases_gated import useful_flops
+
+    L, D, M = 8 * C, 12, 10
+    sizes = {"B": 1, "Hv": 1, "G": 1, "L": L, "D": D, "M": M, "C": C}
+    model = {
+        v: cost.evaluate(cost.flops(v, "forward", matmul_only=True), sizes)
+        for v in ("gla_chunked", "gated_delta_chunked")
+    }
+    n = L // C
+    upper = C * (C - 1) // 2  # pairs above the diagonal of a chunk
+    # decay: Q K^T and P V skip the upper triangle
+    assert useful_flops(L, D, M, C, heads=1, delta=False) == model[
+        "gla_chunked"
+    ] - 2 * n * upper * (D + M)
+    # delta rule: also T [K, V] (T lower-triangular) and K K^T (strictly lower: diagonal too)
+    masked = 2 * n * (upper * (D + M) + upper * (D + M) + (upper + C) * D)
+    assert useful_flops(L, D, M, C, heads=1, delta=True) == model["gated_delta_chunked"] - masked
