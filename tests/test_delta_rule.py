@@ -355,7 +355,7 @@ def test_channel_scores_equal_the_exact_sum_even_at_g_minus_20(C: int, strict: b
     torch.testing.assert_close(got32.double(), expect, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("C", [1, 5, 16, 48, 64, 128])
+@pytest.mark.parametrize("C", [1, 5, 64])
 def test_unit_lower_inverse(C: int) -> None:
     A = torch.randn(4, C, C, dtype=torch.float64).tril(-1) * 0.3
     T = gated_chunked.unit_lower_inverse(A)
