@@ -123,7 +123,8 @@ def unit_lower_inverse(A: Tensor) -> Tensor:
     """
     C = A.shape[-1]
     eye = torch.eye(C, dtype=A.dtype, device=A.device).expand_as(A)
-    return torch.linalg.solve_triangular(A, eye, upper=False, unitriangular=True)
+    T: Tensor = torch.linalg.solve_triangular(A, eye, upper=False, unitriangular=True)
+    return T
 
 
 def channel_scores(
