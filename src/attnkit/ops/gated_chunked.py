@@ -168,10 +168,17 @@ def channel_scores(
 
 
 def scalar_gamma(Gc: Tensor, strict: bool = False) -> Tensor:
-    """Gamma_ij = exp(G_i - G_j) for j <= i (j < i: ``strict``), else 0; Gc [N, C] -> [N, C, C]."""
+    """Gamma_ij = exp(G_i - G_j) for j <= i (j < i: ``strict``), else 0; Gc [N, C] -> [N, C, C].
+
+    The upper triangle (where G_i - G_j >= 0 could overflow) is set to -inf before the
+    exp; without autograd that is done in place on one buffer.
+    """
     C = Gc.shape[-1]
-    keep = torch.ones(C, C, dtype=torch.bool, device=Gc.device).tril(-1 if strict else 0)
-    return (Gc.unsqueeze(-1) - Gc.unsqueeze(-2)).masked_fill(~keep, float("-inf")).exp()
+    upper = torch.ones(C, C, dtype=torch.bool, device=Gc.device).triu(0 if strict else 1)
+    diff = Gc.unsqueeze(-1) - Gc.unsqueeze(-2)
+    if torch.is_grad_enabled():
+        return diff.masked_fill(upper, float("-inf")).exp()
+    return diff.masked_fill_(upper, float("-inf")).exp_()
 
 
 class Prepared(NamedTuple):
@@ -200,40 +207,52 @@ def prepare(
     N, C, D = kc.shape
     if use_qk_l2norm:
         qc, kc = l2norm(qc), l2norm(kc)
-    qc = qc * scale
+    # Without autograd (the forward pass) products are scaled in place; under autograd
+    # (the backward pass recomputes this step) every op is out of place.
+    fresh = not torch.is_grad_enabled()
     a: Tensor | None = None
+    scores = torch.bmm(qc, kc.transpose(1, 2)).view(N, G, C, C)
+    gram = torch.bmm(kc, kc.transpose(1, 2)) if bc is not None else None
     if gc is None:
-        Qt, Kt = qc, kc
-        P = (torch.bmm(qc, kc.transpose(1, 2)).view(N, G, C, C).tril()).view(N, G * C, C)
-        k_rhs = kc
-        gram = torch.bmm(kc, kc.transpose(1, 2)) if bc is not None else None
+        Qt, Kt, k_rhs = qc * scale, kc, kc
+        P = scores.tril_().mul_(scale) if fresh else scores.tril() * scale
     elif gc.dim() == 2:
         Gc = gc.cumsum(dim=1)  # [N, C]
         last = Gc[:, -1:]
         eG = Gc.exp()
         a = last.squeeze(1).exp()
-        Qt = (qc.view(N, G, C, D) * eG[:, None, :, None]).view(N, G * C, D)
+        Qt = (qc.view(N, G, C, D) * (eG * scale)[:, None, :, None]).view(N, G * C, D)
         Kt = kc * (last - Gc).exp().unsqueeze(-1)
         gamma = scalar_gamma(Gc)
-        P = (torch.bmm(qc, kc.transpose(1, 2)).view(N, G, C, C) * gamma[:, None]).view(N, G * C, C)
+        P = scores.mul_(gamma.unsqueeze(1)) if fresh else scores * gamma.unsqueeze(1)
+        P = P.mul_(scale) if fresh else P * scale
         k_rhs = kc * eG.unsqueeze(-1)
-        gram = torch.bmm(kc, kc.transpose(1, 2)) * gamma if bc is not None else None
+        if gram is not None:
+            gram = gram.mul_(gamma) if fresh else gram * gamma
     else:
         Gc = gc.cumsum(dim=1)  # [N, C, D]
         last = Gc[:, -1:]
         eG = Gc.exp()
         a = last.squeeze(1).exp()
-        Qt = (qc.view(N, G, C, D) * eG[:, None]).view(N, G * C, D)
+        Qt = (qc.view(N, G, C, D) * (eG * scale)[:, None]).view(N, G * C, D)
         Kt = kc * (last - Gc).exp()
-        P = channel_scores(qc, kc, Gc, G, strict=False)
+        P = channel_scores(qc * scale, kc, Gc, G, strict=False)
         k_rhs = kc * eG
         gram = channel_scores(kc, kc, Gc, 1, strict=True) if bc is not None else None
+    P = P.view(N, G * C, C)
     if bc is None or gram is None:
         return Prepared(Qt, Kt, P, a, None, vc)
-    A = (gram * bc.unsqueeze(-1)).tril(-1)
-    T = unit_lower_inverse(A)
     b = bc.unsqueeze(-1)
-    WU = torch.bmm(T, torch.cat([k_rhs * b, vc * b], dim=-1))
+    # solve_triangular reads the strict lower triangle only (unitriangular): no tril needed
+    A = gram.mul_(b) if fresh else gram * b
+    T = unit_lower_inverse(A)
+    if fresh:
+        rhs = vc.new_empty(N, C, D + vc.shape[-1])
+        torch.mul(k_rhs, b, out=rhs[..., :D])
+        torch.mul(vc, b, out=rhs[..., D:])
+    else:
+        rhs = torch.cat([k_rhs * b, vc * b], dim=-1)
+    WU = torch.bmm(T, rhs)
     return Prepared(Qt, Kt, P, a, WU[..., :D], WU[..., D:])
 
 
