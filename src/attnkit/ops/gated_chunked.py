@@ -27,7 +27,10 @@ Ideas that make it fast on a CPU (plain torch, so it runs on a GPU as one tile):
    are each one ``bmm`` over (heads x chunks). What is left sequential is one pair
    of [C, D] x [D, M] products per chunk (``baddbmm_`` in place, all heads of the
    tile at once); for decay attention not even that: the chunk states
-   Kt_c^T V_c are one bmm and the loop is a decayed in-place scan.
+   Kt_c^T V_c are one bmm and the loop is a decayed in-place scan. Measured against
+   HF's ``torch_chunk_gated_delta_rule``, which runs its whole inter-chunk part
+   chunk by chunk: 2.07x faster at B=1, H=16, D=M=128, N=4096 and 2.05x at N=16384
+   (1 thread, CPU time; ``python benchmarks/gated_cpu_time.py``).
 2. **The UT transform as one explicit inverse and one bmm.** T = (I + A)^{-1} comes
    from one batched ``solve_triangular`` against the identity, then W and U are one
    bmm of T with the stacked right-hand side [beta K exp(G), beta V]. Measured (64
@@ -39,7 +42,7 @@ Ideas that make it fast on a CPU (plain torch, so it runs on a GPU as one tile):
    :data:`CPU_TILE_BYTES`; the state is carried from tile to tile along the
    sequence, and the forward saves it at every backward tile. Heads are grouped
    first (:func:`plan_tiles`), so the sequential loop's bmm run over every head of a
-   tile at once.
+   tile at once. Measured: see :data:`CPU_TILE_BYTES`.
 4. **Recompute instead of store; autograd only where it is cheap.** Only the inputs
    and one state per backward tile are saved (training memory O(N (D + M)) per head,
    plus D M per tile). The backward pass, per tile in reverse: recompute the prepare
@@ -50,7 +53,9 @@ Ideas that make it fast on a CPU (plain torch, so it runs on a GPU as one tile):
    inverse, the L2 norm, the head expansion) to q, k, v, g, beta. Autograd through
    the sequential loop itself would record ~5 nodes per chunk and keep every
    chunk's state alive; the hand-written reverse loop keeps the same two bmm per
-   chunk as the forward.
+   chunk as the forward. Measured (B=1, H=8, D=M=128): 14.4 KB saved per token, flat
+   from N=256 to 1024 (HF's chunked function under autograd: 71.8 KB), and forward +
+   backward 2.56x faster than autograd through HF's function at N=4096.
 5. **Safe decays.** Every exponential is of a number <= 0: exp(G) and exp(G_C - G)
    directly, Gamma with the upper triangle masked to -inf *before* the exp. For
    per-channel gates (GLA, KDA) the scores sum_d x_id y_jd exp(G_id - G_jd) are not
