@@ -181,6 +181,10 @@ def decode(rounds: int) -> None:
         fns["HF torch_recurrent_gated_delta_rule"] = lambda: hf[1](
             y["q"], y["k"], y["v"], y["g"], y["beta"], initial_state=S, output_final_state=True
         )
+    state = S.clone()
+    fns["attnkit delta_rule_step(inplace=True)"] = lambda: attnkit.delta_rule_step(
+        x["q"], x["k"], x["v"], x["beta"], x["g"], state=state, inplace=True
+    )
     src, dst = torch.randn(S.numel()), torch.empty(S.numel())
     fns["copy of the state (read + write)"] = lambda: dst.copy_(src)
     with torch.no_grad():
@@ -191,7 +195,8 @@ def decode(rounds: int) -> None:
         list(fns)[1] if len(fns) > 2 else next(iter(fns)),
     )
     copy = t["copy of the state (read + write)"]
-    print(f"  state read + write at {copy / t['attnkit delta_rule_step']:.1%} of copy bandwidth")
+    for name in ("attnkit delta_rule_step", "attnkit delta_rule_step(inplace=True)"):
+        print(f"  {name}: state read + write at {copy / t[name]:.1%} of copy bandwidth")
 
 
 if __name__ == "__main__":

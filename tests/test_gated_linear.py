@@ -193,3 +193,17 @@ def test_half_inputs_at_65536_tokens_are_finite_and_close_to_fp32(dtype: torch.d
     torch.testing.assert_close(S, S32, atol=1e-5, rtol=1e-5)
     tol = 2e-2 if dtype == torch.bfloat16 else 2e-3
     torch.testing.assert_close(o.float(), o32, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("gate", GATES)
+def test_inplace_step_updates_the_given_state(gate: str) -> None:
+    q, k, v, g, _, S0 = make_inputs(2, 4, 2, 2, 1, 5, 3, gate=gate, dtype=torch.float32)
+    assert g is not None
+    o, S_new = attnkit.gated_linear_attention_step(q, k, v, g, state=S0, enable_gqa=True)
+    state = S0.clone()
+    o2, S2 = attnkit.gated_linear_attention_step(
+        q, k, v, g, state=state, enable_gqa=True, inplace=True
+    )
+    assert S2 is state
+    torch.testing.assert_close(o2, o, atol=0, rtol=0)
+    torch.testing.assert_close(S2, S_new, atol=0, rtol=0)

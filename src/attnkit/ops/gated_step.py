@@ -12,7 +12,9 @@ The last line is why one read of S suffices: q^T S' and k^T S' come out of one
 batched product [k; q] (Diag(a) S) = ([k; q] * a) S, so the step streams the state
 once for those reads and twice for the update S_new = a S + k u^T (a fresh
 ``a * S``, then an in-place broadcast ``addcmul_`` of k u^T: no outer-product
-temporary). A decoding step is memory-bound (O(D M) bytes for O(D M) FLOPs), so
+temporary; with ``inplace`` the decay too is an in-place pass over the caller's
+state, which measured 0.4 ms against 1.5 ms for writing a fresh 8 MiB state, B=8,
+H=16, D=M=128, 1 thread). A decoding step is memory-bound (O(D M) bytes for O(D M) FLOPs), so
 the passes over the state are what its time is made of.
 """
 
@@ -24,7 +26,7 @@ from torch import Tensor
 from attnkit._contract import Contraction, contract
 from attnkit.ops.gated_common import GatedDims, l2norm
 
-__all__ = ["STEP_READ", "step"]
+__all__ = ["STEP_READ", "check_inplace", "step"]
 
 #: [k; q] S: one read of the state for both products -> [B, Hv, 1 + G, M]
 STEP_READ = Contraction(
@@ -34,6 +36,23 @@ STEP_READ = Contraction(
     "reads",
     {"b": "B", "h": "Hv", "r": "1 + G", "d": "D", "m": "M"},
 )
+
+
+def check_inplace(inplace: object, given: Tensor | None, S: Tensor) -> None:
+    """``inplace=True`` needs the caller's own state, already in the accumulation dtype."""
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
+    if not inplace:
+        return
+    if given is None:
+        raise ValueError("inplace=True updates the given state in place: pass state=")
+    if given is not S:
+        raise TypeError(
+            f"inplace=True needs the state in the accumulation dtype {S.dtype}, got "
+            f"{given.dtype} (it would be updated through a copy)"
+        )
+    if S.requires_grad:
+        raise ValueError("inplace=True cannot update a state that requires grad")
 
 
 def step(
@@ -46,11 +65,13 @@ def step(
     dims: GatedDims,
     scale: float,
     use_qk_l2norm: bool,
+    inplace: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """One token on validated inputs: q [B, Hq, D], k [B, Hk, D], v [B, Hv, M],
     g None / [B, Hv] / [B, Hv, D], beta None / [B, Hv], S [B, Hv, D, M] (acc dtype).
 
-    Returns o [B, Ho, M] in q's dtype and the new state (a new tensor; S is not modified).
+    Returns o [B, Ho, M] in q's dtype and the new state: a new tensor, or S itself
+    updated in place with ``inplace`` (S must then be the caller's own acc-dtype tensor).
     """
     acc = S.dtype
     B, Hv, D, M = S.shape
@@ -77,11 +98,10 @@ def step(
     u = vf if beta is None else beta.to(acc).unsqueeze(-1) * (vf - kS)  # [B, Hv, M]
     qk = (qs * ks.unsqueeze(2)).sum(-1, keepdim=True)  # [B, Hv, G, 1]
     o = (qS + qk * u.unsqueeze(2)) * scale  # [B, Hv, G, M]
-    if a is None:
-        S_new = S.clone()
-    elif a.dim() == 2:
-        S_new = S * a[:, :, None, None]
+    decay = None if a is None else (a[:, :, None, None] if a.dim() == 2 else a.unsqueeze(-1))
+    if inplace:  # the caller's state becomes the new one: no fresh [B, Hv, D, M] buffer
+        S_new = S if decay is None else S.mul_(decay)
     else:
-        S_new = S * a.unsqueeze(-1)
+        S_new = S.clone() if decay is None else S * decay
     S_new.addcmul_(ks.unsqueeze(-1), u.unsqueeze(-2))  # + k u^T, in place (no temporary)
     return o.reshape(B, dims.Ho, M).to(q.dtype), S_new

@@ -25,6 +25,7 @@ from attnkit.ops.gated_common import (
     merge_output_heads,
     queries_per_state,
 )
+from attnkit.ops.gated_step import check_inplace as _check_inplace
 from attnkit.ops.gated_step import step
 
 __all__ = [
@@ -150,6 +151,7 @@ def gated_linear_attention_step(
     state: Tensor | None = None,
     scale: float | None = None,
     enable_gqa: bool = False,
+    inplace: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """One token of :func:`gated_linear_attention` from ``state``; returns ``(o, new_state)``.
 
@@ -159,8 +161,10 @@ def gated_linear_attention_step(
 
     q [B, Hq, 1, D], k [B, Hk, 1, D], v [B, Hv, 1, M], g [B, Hv, 1] or [B, Hv, 1, D];
     state [B, Hv, D, M] (None: zeros); o [B, Ho, 1, M] in q's dtype, new_state in the
-    accumulation dtype. ``state`` is not modified. A loop of steps equals
-    :func:`gated_linear_attention` token by token.
+    accumulation dtype. ``state`` is not modified unless ``inplace=True``: then it is
+    updated in place and returned (a tensor in the accumulation dtype that does not
+    require grad), which saves writing a fresh state per token in a decoding loop. A
+    loop of steps equals :func:`gated_linear_attention` token by token.
 
     Cost per token: O(Hv D M) time and memory traffic: the state is read once and
     written once (o = q^T S' is formed as (q^T Diag(a) S) + (q . k) v, from the same
@@ -172,5 +176,8 @@ def gated_linear_attention_step(
             f"gated_linear_attention_step takes one token (L = 1), got L={dims.L}; use "
             "gated_linear_attention for sequences"
         )
-    o, S_new = step(q[:, :, 0], k[:, :, 0], v[:, :, 0], g[:, :, 0], None, S, dims, s, False)
+    _check_inplace(inplace, state, S)
+    o, S_new = step(
+        q[:, :, 0], k[:, :, 0], v[:, :, 0], g[:, :, 0], None, S, dims, s, False, inplace
+    )
     return o.unsqueeze(2), S_new

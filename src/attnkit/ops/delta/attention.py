@@ -26,6 +26,7 @@ from attnkit.ops.gated_common import (
     merge_output_heads,
     queries_per_state,
 )
+from attnkit.ops.gated_step import check_inplace as _check_inplace
 from attnkit.ops.gated_step import step
 
 __all__ = ["delta_rule_attention", "delta_rule_reference", "delta_rule_step"]
@@ -174,6 +175,7 @@ def delta_rule_step(
     scale: float | None = None,
     use_qk_l2norm: bool = False,
     enable_gqa: bool = False,
+    inplace: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """One token of :func:`delta_rule_attention` from ``state``; returns ``(o, new_state)``.
 
@@ -183,8 +185,11 @@ def delta_rule_step(
 
     q [B, Hq, 1, D], k [B, Hk, 1, D], v [B, Hv, 1, M], beta [B, Hv, 1], g None,
     [B, Hv, 1] or [B, Hv, 1, D]; state [B, Hv, D, M] (None: zeros); o [B, Ho, 1, M] in
-    q's dtype, new_state in the accumulation dtype. ``state`` is not modified. A loop
-    of steps equals :func:`delta_rule_attention` token by token.
+    q's dtype, new_state in the accumulation dtype. ``state`` is not modified unless
+    ``inplace=True``: then it is updated in place and returned (it must be a tensor in
+    the accumulation dtype that does not require grad), which saves writing a fresh
+    state per token in a decoding loop. A loop of steps equals
+    :func:`delta_rule_attention` token by token.
 
     Cost per token O(Hv D M): the state is read once for k^T S' and q^T S' together
     (o = scale (q^T S' + (q . k) u) needs no second read) and written once (plus the
@@ -196,8 +201,18 @@ def delta_rule_step(
             f"delta_rule_step takes one token (L = 1), got L={dims.L}; use "
             "delta_rule_attention for sequences"
         )
+    _check_inplace(inplace, state, S)
     gt = None if g is None else g[:, :, 0]
     o, S_new = step(
-        q[:, :, 0], k[:, :, 0], v[:, :, 0], gt, beta[:, :, 0], S, dims, s, use_qk_l2norm
+        q[:, :, 0],
+        k[:, :, 0],
+        v[:, :, 0],
+        gt,
+        beta[:, :, 0],
+        S,
+        dims,
+        s,
+        use_qk_l2norm,
+        inplace,
     )
     return o.unsqueeze(2), S_new
