@@ -419,3 +419,24 @@ def test_inplace_step_updates_the_given_state(gate: str | None) -> None:
         attnkit.delta_rule_step(
             q, k, v, beta, g, state=S0.clone().requires_grad_(), enable_gqa=True, inplace=True
         )
+
+
+@pytest.mark.parametrize("gate", [None, "channel"])
+def test_training_memory_is_linear_in_length(gate: str | None) -> None:
+    # Saved for backward: the inputs and one state per backward tile, O(L (D + M)) per
+    # head. Keeping the per-chunk states (D M / C = 16 floats per token here), U' (M = 32)
+    # or the [C, C] blocks (C = 64) would add over 10% to the inputs' bytes.
+    from attnkit.bench.cases import saved_tensor_bytes
+
+    per_token = []
+    for L in (256, 1024):
+        q, k, v, g, beta, _ = make_inputs(1, 2, 2, 2, L, 32, 32, gate=gate, dtype=torch.float32)
+        xs = [t.requires_grad_() for t in (q, k, v, beta) if t is not None]
+        gg = None if g is None else g.requires_grad_()
+        nbytes = saved_tensor_bytes(
+            lambda xs=xs, gg=gg: attnkit.delta_rule_attention(*xs[:3], xs[3], gg)[0]
+        )
+        inputs = sum(t.nbytes for t in xs) + (0 if gg is None else gg.nbytes)
+        per_token.append(nbytes / L)
+        assert nbytes <= 1.1 * inputs  # the inputs, plus a state per backward tile
+    assert per_token[1] <= 1.05 * per_token[0]
