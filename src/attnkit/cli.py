@@ -91,8 +91,10 @@ def _register_subcommands() -> None:
     from attnkit.bench.cli import register as register_bench
     from attnkit.cost.cli import register as register_cost
     from attnkit.lab.cli import register as register_lab
+    from attnkit.patterns.cli import register as register_patterns
 
     register_lab(app)
+    register_patterns(app)
     register_cost(app)
     register_bench(app)
 
