@@ -38,7 +38,14 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ExperimentRes
 
 
 def test_registry_order_and_lookup() -> None:
-    assert experiment_names() == ["scaling", "argmax", "decode", "complexity", "recall"]
+    assert experiment_names() == [
+        "scaling",
+        "argmax",
+        "decode",
+        "complexity",
+        "recall",
+        "patterns",
+    ]
     with pytest.raises(ValueError, match="unknown experiment 'nope'"):
         get_experiment("nope")
     assert check_profile("quick") == "quick"
@@ -46,7 +53,9 @@ def test_registry_order_and_lookup() -> None:
         check_profile("huge")
 
 
-@pytest.mark.parametrize("name", ["scaling", "argmax", "decode", "complexity", "recall"])
+@pytest.mark.parametrize(
+    "name", ["scaling", "argmax", "decode", "complexity", "recall", "patterns"]
+)
 def test_experiment_is_well_formed(name: str, results: dict[str, ExperimentResult]) -> None:
     r = results[name]
     assert r.name == name and r.profile == "test" and r.title and r.summary

@@ -13,6 +13,7 @@ What each group would catch:
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -20,12 +21,15 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from typer.testing import CliRunner
 
 import attnkit
 from attnkit import feature_maps
+from attnkit.cli import app
 from attnkit.layers import MultiHeadAttention, TinyLM
 from attnkit.patterns import (
     AttentionMaps,
+    analyze,
     argmax_weights,
     attention_entropy,
     capture,
@@ -44,6 +48,15 @@ from attnkit.patterns import (
     row_scores,
     softmax_weights,
 )
+from attnkit.patterns import write_page as patterns_write_page
+
+runner = CliRunner()
+
+
+def _flat(output: str) -> str:
+    """CLI output without rich's box drawing and line wrapping."""
+    return " ".join(output.replace("│", " ").split())
+
 
 # ---------------------------------------------------------------------------------------
 # Scores on hand-built matrices
@@ -629,3 +642,118 @@ def test_capture_hf_rejects_what_it_cannot_read() -> None:
         capture_hf(torch.nn.Linear(2, 2), torch.zeros(1, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="not a Hugging Face model directory"):
         load_hf("/nonexistent")
+
+
+# ---------------------------------------------------------------------------------------
+# Inputs, views, the page and the command line
+# ---------------------------------------------------------------------------------------
+
+
+def test_repeated_tokens() -> None:
+    x = repeated_tokens(5, 7, 20, low=3, prefix=[0, 1], generator=torch.Generator().manual_seed(1))
+    assert x.shape == (5, 16)
+    assert (x[:, :2] == torch.tensor([0, 1])).all()
+    assert (x[:, 2:9] == x[:, 9:]).all()
+    assert all(len(set(row[2:9].tolist())) == 7 for row in x)  # distinct within a copy
+    assert int(x[:, 2:].min()) >= 3 and int(x.max()) < 20
+    with pytest.raises(ValueError, match="distinct tokens"):
+        repeated_tokens(1, 8, 10, low=3)
+    with pytest.raises(ValueError, match="prefix ids"):
+        repeated_tokens(1, 3, 10, prefix=[10])
+
+
+def _random_maps(tokens: torch.Tensor, layers: int = 2, heads: int = 3) -> AttentionMaps:
+    B, L = tokens.shape
+    w = torch.rand(layers, B, heads, L, L, generator=torch.Generator().manual_seed(0)).tril()
+    w = w / w.sum(-1, keepdim=True)
+    w[1, :, 0] = _shift(L, 1)  # one clear previous-token head
+    return AttentionMaps(weights=w, layers=("l0", "l1"), tokens=tokens, source="test maps")
+
+
+def test_write_page_is_self_contained(tmp_path: Path) -> None:
+    maps = _random_maps(repeated_tokens(2, 6, 30))
+    index = patterns_write_page(maps, tmp_path / "page", title="t <&> t")
+    html = index.read_text()
+    assert "<script" not in html.lower() and "http://" not in html and "https://" not in html
+    assert "<link" not in html.lower() and "@import" not in html and "url(" not in html
+    pngs = sorted(p.name for p in (tmp_path / "page").glob("*.png"))
+    assert "grid.png" in pngs and "scores.png" in pngs and "head_L1_H0.png" in pngs
+    assert html.count("src='data:image/png;base64,") == len(pngs)
+    assert "t &lt;&amp;&gt; t" in html  # escaped
+    assert "previous-token" in html
+    rows = json.loads((tmp_path / "page" / "scores.json").read_text())["heads"]
+    assert len(rows) == 6 and rows[3]["label"] == "previous-token"
+
+
+def test_write_page_with_chosen_heads(tmp_path: Path) -> None:
+    maps = _random_maps(repeated_tokens(1, 5, 30))
+    patterns_write_page(maps, tmp_path, heads=[(0, 2)])
+    assert [p.name for p in tmp_path.glob("head_*.png")] == ["head_L0_H2.png"]
+    with pytest.raises(ValueError, match="head must be < 3"):
+        patterns_write_page(maps, tmp_path, heads=[(0, 3)])
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    model = TinyLM(vocab=40, d_model=16, n_layers=2, n_heads=2, max_len=24, backend="linear")
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    model.save(path)
+    return path
+
+
+def test_cli_on_a_tinylm_checkpoint(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    result = runner.invoke(
+        app, ["patterns", str(tiny_checkpoint), "--out", str(tmp_path), "--head", "1.1"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "linear attention" in result.output and "wrote" in result.output
+    html = (tmp_path / "index.html").read_text()
+    assert "data:image/png;base64," in html and (tmp_path / "head_L1_H1.png").exists()
+    rows = json.loads((tmp_path / "scores.json").read_text())["heads"]
+    assert len(rows) == 4 and "induction" in rows[0]  # default input: a repeated sequence
+    # Explicit tokens (no repeat: no induction score) and the one-hot method.
+    result = runner.invoke(
+        app,
+        ["patterns", str(tiny_checkpoint), "--out", str(tmp_path / "b"), "--tokens", "1,2 3 4",
+         "--method", "implicit"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "b" / "scores.json").read_text())["heads"]
+    assert "induction" not in rows[0]
+
+
+def test_cli_on_an_hf_directory(hf_llama: Path, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["patterns", str(hf_llama), "--out", str(tmp_path), "--batch", "2"])
+    assert result.exit_code == 0, result.output
+    assert "LlamaForCausalLM" in result.output
+    rows = json.loads((tmp_path / "scores.json").read_text())["heads"]
+    assert len(rows) == 8
+
+
+def test_cli_rejects_bad_input(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    for args, message in (
+        (["--tokens", "1 x"], "expected integers"),
+        (["--tokens", "99 1"], "token ids must be in"),
+        (["--head", "1"], "LAYER.HEAD"),
+        (["--head", "5.0"], "layer must be < 2"),
+        (["--text", "hello"], "needs a tokenizer"),
+    ):
+        result = runner.invoke(
+            app, ["patterns", str(tiny_checkpoint), "--out", str(tmp_path), *args]
+        )
+        assert result.exit_code == 2, (args, result.output)
+        assert message in _flat(result.output), (args, result.output)
+    bogus = tmp_path / "bogus"
+    bogus.mkdir()
+    result = runner.invoke(app, ["patterns", str(bogus)])
+    assert result.exit_code == 2 and "neither a TinyLM checkpoint" in _flat(result.output)
+
+
+def test_analyze_python_api(tiny_checkpoint: Path) -> None:
+    maps = analyze(tiny_checkpoint, period=8, batch=3, seed=1)
+    assert maps.weights.shape == (2, 3, 2, 16, 16)
+    again = analyze(tiny_checkpoint, period=8, batch=3, seed=1)
+    torch.testing.assert_close(maps.weights, again.weights)
+    # The period shrinks to fit max_len = 24.
+    assert analyze(tiny_checkpoint, period=100, batch=1).length == 24
