@@ -337,11 +337,12 @@ def test_implicit_linear_weights_equal_the_formula(fmap, causal, L) -> None:
     q, k, v = _qkv(B, H, H, L, E, Ev)
     phi = feature_maps.get(fmap)
     A = implicit_weights(
-        lambda e: attnkit.linear_attention(q, k, e, feature_map=phi, is_causal=causal)[0], k
+        lambda e: attnkit.linear_attention(q, k, e, feature_map=phi, is_causal=causal, eps=1e-6)[0],
+        k,
     )
     ref = linear_weights(q, k, feature_map=phi, is_causal=causal, eps=1e-6)
     torch.testing.assert_close(A, ref)
-    o, _ = attnkit.linear_attention(q, k, v, feature_map=phi, is_causal=causal)
+    o, _ = attnkit.linear_attention(q, k, v, feature_map=phi, is_causal=causal, eps=1e-6)
     torch.testing.assert_close(_apply(ref, v), o)
     if fmap != "polynomial":  # positive maps: proper distributions over the keys
         torch.testing.assert_close(ref.sum(-1), torch.ones(B, H, L, dtype=ref.dtype))
