@@ -178,6 +178,31 @@ def test_token_induction_equals_the_textbook_definition(T: int, start: int, seed
     )
 
 
+@given(L=st.integers(2, 12), seed=st.integers(0, 2**31 - 1), causal=st.booleans())
+def test_scores_are_bounded_and_ignore_row_scale(L: int, seed: int, causal: bool) -> None:
+    """Shares lie in [0, 1], entropy in [0, ln L], distance in [0, L - 1]; multiplying a row
+    by any non-zero number (unnormalised or signed weights) changes no score."""
+    gen = torch.Generator().manual_seed(seed)
+    A = torch.rand(L, L, generator=gen, dtype=torch.float64)
+    if causal:
+        A = A.tril()
+    A = A / A.sum(-1, keepdim=True)
+    tokens = torch.randint(0, 3, (L,), generator=gen)
+    tokens[-1] = tokens[0]  # at least one repeat
+    marks = torch.rand(L, generator=gen) < 0.3
+    scale = (torch.rand(L, 1, generator=gen, dtype=torch.float64) * 5 + 0.1) * torch.where(
+        torch.rand(L, 1, generator=gen) < 0.5, -1.0, 1.0
+    ).double()
+    base = row_scores(A, tokens=tokens, delimiters=marks)
+    scaled = row_scores(A * scale, tokens=tokens, delimiters=marks)
+    for name, (value, counts) in base.items():
+        torch.testing.assert_close(scaled[name][0], value)
+        assert torch.equal(scaled[name][1], counts)
+        v = value[counts]
+        top = {"entropy": math.log(L) + 1e-9, "distance": L - 1.0}.get(name, 1.0 + 1e-12)
+        assert ((v >= -1e-12) & (v <= top)).all(), (name, v)
+
+
 def test_entropy_and_distance_of_uniform_causal_attention() -> None:
     L = 7
     A = _uniform_causal(L)
@@ -730,6 +755,38 @@ def test_cli_on_an_hf_directory(hf_llama: Path, tmp_path: Path) -> None:
     assert "LlamaForCausalLM" in result.output
     rows = json.loads((tmp_path / "scores.json").read_text())["heads"]
     assert len(rows) == 8
+
+
+def test_cli_on_a_bert_directory_with_a_tokenizer(tmp_path: Path) -> None:
+    """Text through the model's own tokenizer; its [CLS]/[SEP] become the delimiters."""
+    transformers = pytest.importorskip("transformers")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "on", "mat"]
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(words) + "\n")
+    tokenizer = transformers.BertTokenizer(str(vocab))
+    config = transformers.BertConfig(
+        vocab_size=len(words),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=32,
+    )
+    model_dir = tmp_path / "bert"
+    transformers.BertForMaskedLM(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "out"
+    result = runner.invoke(
+        app, ["patterns", str(model_dir), "--out", str(out), "--text", "the cat sat on the mat"]
+    )
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "scores.json").read_text())["heads"]
+    assert len(rows) == 4 and "delimiter" in rows[0] and "induction" in rows[0]
+    maps = analyze(model_dir, text="the cat sat on the mat")
+    assert maps.token_text is not None and maps.token_text[0][0] == "[CLS]"
+    assert maps.delimiters is not None
+    assert maps.delimiters[0].tolist() == [True] + [False] * 6 + [True]
+    assert maps.weights.sum(-1).sub(1).abs().max() < 1e-5  # bidirectional softmax rows
 
 
 def test_cli_rejects_bad_input(tiny_checkpoint: Path, tmp_path: Path) -> None:

@@ -69,6 +69,7 @@ def analyze(
     sequences: the HF model's BOS token (if it has one), then ``period`` distinct random
     ids twice (``period`` shrinks to fit the model's vocabulary and length).
     ``method`` applies to attnkit models (:func:`~attnkit.patterns.record_attention`).
+    With a tokenizer, its special tokens mark the delimiters (the delimiter score).
     """
     check_int("period", period, 1)
     check_int("batch", batch, 1)
@@ -114,12 +115,21 @@ def analyze(
         )
     if max_len is not None and ids.shape[1] > max_len:
         raise ValueError(f"the input has {ids.shape[1]} tokens, the model at most {max_len}")
+    delimiters = None
     if tokenizer is not None:
         token_text = [tokenizer.convert_ids_to_tokens(row.tolist()) for row in ids]
+        # The tokenizer's special tokens ([CLS], [SEP], <s>, ...) are the delimiters.
+        special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=ids.dtype)
+        marks = torch.isin(ids, special)
+        delimiters = marks if bool(marks.any()) else None
     name = Path(path).name
     if kind == "hf":
         return capture_hf(
-            model, ids, token_text=token_text, source=f"{name}: {type(model).__name__}"
+            model,
+            ids,
+            token_text=token_text,
+            delimiters=delimiters,
+            source=f"{name}: {type(model).__name__}",
         )
     config: Any = getattr(model, "config", None)
     return capture(model, ids, method=method, source=f"{name}: TinyLM ({config.backend} attention)")

@@ -104,9 +104,6 @@ def patterns(
             seed=seed,
             method=method.value,
         )
-        if heads is not None:
-            for n, h in heads:
-                maps.head(n, h)  # ValueError for a head the model does not have
         command = f"attnkit patterns {path}" + ("" if out == Path("patterns") else f" --out {out}")
         index = write_page(
             maps,

@@ -295,6 +295,8 @@ def write_page(
     axes; by default the top head of every behaviour score that reaches ``threshold``.
     Returns the path of ``index.html``.
     """
+    for n, h in heads or ():
+        maps.head(n, h)  # ValueError for a head the maps do not have, before any drawing
     target = Path(out)
     target.mkdir(parents=True, exist_ok=True)
     images: list[tuple[str, Path, str]] = []
