@@ -1,32 +1,33 @@
 r"""Experiment ``patterns``: induction heads in a 2-layer model, BERT-like heads in an encoder.
 
 Part 1, induction heads (Olsson et al. 2022). A 2-layer attention-only causal
-:class:`attnkit.TinyLM` (no MLP, pre-norm, learned absolute positions, tied head) is
-trained on next-token prediction over sequences that hold T random tokens followed by
-the same T tokens again::
+transformer (:class:`AttentionOnlyLM`: no MLP, no LayerNorm, learned absolute
+positions) is trained on next-token prediction over T random tokens repeated to a
+fixed length, T drawn per sequence::
 
-    [BOS] f_1 .. f_p  c_1 .. c_T  c_1 .. c_T        T uniform in [T_min, T_max]
-                                                     p = filler length to a fixed size
+    [BOS] c_1 .. c_T  c_1 .. c_T  c_1 ..            T uniform in [T_min, T_max]
 
-The first copy is unpredictable (loss about ln V); the second is predictable only
-by looking back: at c_t of the second copy, find the earlier c_t and copy the token
-after it. A single layer cannot do that for a varying T (its attention scores see the
-current token and the positions, not the token *before* a key): the solution needs a
-previous-token head in layer 1, which writes "my predecessor is x" into every
-position, and an induction head in layer 2, whose query (the current token x)
-matches that key (K-composition) and copies the value. Olsson et al. see the loss on
-the second copy drop sharply at the step where the induction heads appear. Measured
-here: the second-copy loss, the best layer-2 head's induction score and the best
-layer-1 head's previous-token score (definitions in :mod:`attnkit.patterns.scores`)
-on held-out sequences (T = T_max, no filler) every few steps; then each layer-1 head
-is ablated (its output zeroed) to show which one the induction head reads.
+The first copy is unpredictable (loss about ln V); the repeats are predictable only
+by looking back: at c_t, find the earlier c_t and copy the token after it. With a
+fixed T one layer could copy from the fixed offset T - 1 by position alone (our
+development runs found exactly that shortcut); with T varying, one layer cannot (its
+attention scores see the current token and the positions, not the token *before* a
+key). The solution needs a previous-token head in layer 1, which writes "my
+predecessor is x" into every position, and an induction head in layer 2, whose query
+(the current token x) matches that key (K-composition) and copies the value. Olsson et
+al. see the loss on the repeat drop sharply at the step the induction heads appear.
+Measured here every few steps on held-out sequences (BOS, then T_max tokens twice):
+the second-copy loss, the best layer-2 head's induction score and the best layer-1
+head's previous-token score (definitions in :mod:`attnkit.patterns.scores`); after
+training each layer-1 head is ablated (its output zeroed) to show which one the
+induction head reads.
 
 The same model with linear attention (elu + 1 features; the 2nd-order Taylor map of
 exp of Based, Arora et al. 2024) is trained identically. Their weights are read through
 the implicit matrix phi(q_i).phi(k_j) / sum_j' phi(q_i).phi(k_j'). Theory: elu + 1
-features of a narrow head cannot make a weight row sharp (Zhang et al. 2024, "The
-Hedgehog & the Porcupine": linear attentions lack the "spiky" weights softmax has),
-while 1 + s + s^2/2 approximates exp(s) and can.
+features cannot make a weight row sharp (Zhang et al. 2024, "The Hedgehog & the
+Porcupine": linear attentions lack the "spiky" weights softmax has), while
+1 + s + s^2/2 approximates exp(s) and can.
 
 Part 2, BERT-like heads (Clark et al. 2019). A small bidirectional encoder (the same
 attnkit attention layers with ``is_causal=False``) learns masked-token prediction on
@@ -100,7 +101,7 @@ class PatternSettings:
     lr: float
     warmup: int  # linear warm-up steps, then cosine decay to 10%
     eval_every: int  # steps between held-out measurements
-    eval_batch: int  # held-out sequences (T = period_max, no filler)
+    eval_batch: int  # held-out sequences: BOS, then period_max tokens twice
     variants: tuple[str, ...]
     # ---- part 2: encoder
     enc_tokens: int  # content tokens of the Markov chains

@@ -18,6 +18,7 @@ import html
 import json
 import math
 import os
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -163,7 +164,7 @@ def head_figure(
     L = maps.length
     tokens = maps.labels_of(sequence)
     step = max(1, math.ceil(L / max_ticks))
-    size = min(14.0, max(4.0, 0.16 * min(L, max_ticks) + 2.0))
+    size = min(14.0, max(5.5, 0.16 * min(L, max_ticks) + 2.0))
     fig = _figure(size + 1.0, size)
     ax = fig.subplots()
     image = _show(ax, P.numpy(), ticks=True)
@@ -177,7 +178,8 @@ def head_figure(
     parts = ", ".join(
         f"{SCORE_TITLES[name]} {float(scores[name][layer, head]):.2f}" for name in scores
     )
-    ax.set_title(f"{maps.layers[layer]}, head {head}: {label}\n{parts}", fontsize=9)
+    lines = textwrap.wrap(parts, width=int(12 * size))
+    ax.set_title("\n".join([f"{maps.layers[layer]}, head {head}: {label}", *lines]), fontsize=9)
     fig.colorbar(image, ax=ax, shrink=0.8, label="attention weight")
     return fig
 
