@@ -44,6 +44,7 @@ def test_registry_order_and_lookup() -> None:
         "decode",
         "complexity",
         "recall",
+        "patterns",
         "linearize",
     ]
     with pytest.raises(ValueError, match="unknown experiment 'nope'"):
@@ -54,7 +55,7 @@ def test_registry_order_and_lookup() -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["scaling", "argmax", "decode", "complexity", "recall", "linearize"]
+    "name", ["scaling", "argmax", "decode", "complexity", "recall", "patterns", "linearize"]
 )
 def test_experiment_is_well_formed(name: str, results: dict[str, ExperimentResult]) -> None:
     r = results[name]

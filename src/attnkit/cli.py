@@ -92,8 +92,10 @@ def _register_subcommands() -> None:
     from attnkit.cost.cli import register as register_cost
     from attnkit.lab.cli import register as register_lab
     from attnkit.linearize_cli import register as register_linearize
+    from attnkit.patterns.cli import register as register_patterns
 
     register_lab(app)
+    register_patterns(app)
     register_cost(app)
     register_bench(app)
     register_linearize(app)

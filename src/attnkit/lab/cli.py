@@ -112,7 +112,7 @@ def lab(
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     strict: Annotated[bool, typer.Option(help="Exit with status 1 if any claim fails.")] = False,
 ) -> None:
-    """Run one experiment: scaling, argmax, decode, complexity or recall."""
+    """Run one experiment: scaling, argmax, decode, complexity, recall or patterns."""
     try:
         get_experiment(name)
     except ValueError as err:

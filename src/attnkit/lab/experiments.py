@@ -2,10 +2,27 @@
 
 from __future__ import annotations
 
-from attnkit.lab import argmax, complexity, decode, linearize, recall, scaling
+from attnkit.lab import argmax, complexity, decode, linearize, patterns, recall, scaling
 
-__all__ = ["ORDER", "argmax", "complexity", "decode", "linearize", "recall", "scaling"]
+__all__ = [
+    "ORDER",
+    "argmax",
+    "complexity",
+    "decode",
+    "linearize",
+    "patterns",
+    "recall",
+    "scaling",
+]
 
 #: The order ``attnkit report`` runs and shows the experiments in: the theory first,
-#: then decoding and complexity measurements, then the training experiment.
-ORDER: tuple[str, ...] = ("scaling", "argmax", "decode", "complexity", "recall", "linearize")
+#: then decoding and complexity measurements, then the training experiments.
+ORDER: tuple[str, ...] = (
+    "scaling",
+    "argmax",
+    "decode",
+    "complexity",
+    "recall",
+    "patterns",
+    "linearize",
+)
