@@ -1,0 +1,676 @@
+"""Fast chunked decay attention and delta rule: a tiled custom autograd Function that recomputes.
+
+This is the fast path behind :func:`attnkit.gated_linear_attention` and
+:func:`attnkit.delta_rule_attention`. The plain references it is tested against are
+the recurrences (:func:`attnkit.ops.decay.reference.recurrent_decay`,
+:func:`attnkit.ops.delta.reference.recurrent_delta`); the chunked algorithm it runs is
+written out plainly in :func:`~attnkit.ops.delta.reference.chunked_delta` (with the
+math). Per chunk of C tokens, with cumulative log-gates G (scalar or per channel)::
+
+    prepare (no state involved; batched over every chunk of a tile)
+        Qt = scale Q * exp(G),  Kt = K * exp(G_C - G),  a = exp(G_C)
+        P  = Tril(scale Q K^T * Gamma)                          Gamma_ij = exp(G_i - G_j)
+        delta rule only:  T = (I + StrictTril(Diag(beta) K K^T * Gamma))^{-1}
+                          [W, U] = T [Diag(beta) K * exp(G), Diag(beta) V]
+        decay only:       U = V (and W = 0)
+    sequential (one chunk after the other)
+        U'_c = U_c - W_c S_{c-1}
+        S_c  = a_c S_{c-1} + Kt_c^T U'_c
+    output (batched again)
+        O_c = Qt_c S_{c-1} + P_c U'_c
+
+Ideas that make it fast on a CPU (plain torch, so it runs on a GPU as one tile):
+
+1. **Everything but the state update is batched over all chunks of a tile.** The
+   [C, C] products, the triangular inverse, W = T K and U = T V, and, after the
+   sequential loop has stored every chunk's state, the outputs Qt S_{c-1} + P U'
+   are each one ``bmm`` over (heads x chunks). What is left sequential is one pair
+   of [C, D] x [D, M] products per chunk (``baddbmm_`` in place, all heads of the
+   tile at once); for decay attention not even that: the chunk states
+   Kt_c^T V_c are one bmm and the loop is a decayed in-place scan.
+2. **A blocked unit-triangular inverse instead of ``solve_triangular``.** T is formed
+   explicitly: [16, 16] diagonal blocks by forward substitution (15 small batched
+   steps), then block rows by two bmm each; W and U are then one bmm with the
+   stacked right-hand side [beta K exp(G), beta V]. Measured on the 2-core machine
+   (1024 chunks of 64): batched ``torch.linalg.solve_triangular`` against the
+   [64, 256] right-hand side took 4x the time of the whole blocked inverse plus
+   the bmm.
+3. **Cache-sized tiles.** As in :mod:`attnkit.ops.linear_chunked`: a tile of a few
+   state heads by a few thousand tokens whose working set fits about
+   :data:`attnkit.ops.linear_chunked.CPU_TILE_BYTES`; the state is carried from tile
+   to tile along the sequence, and the forward saves it at every backward tile.
+4. **Recompute instead of store; autograd only where it is cheap.** Only the inputs
+   and one state per backward tile are saved (training memory O(N (D + M)) per head,
+   plus D M per tile). The backward pass, per tile in reverse: recompute the prepare
+   step under autograd (a few dozen batched ops, nothing sequential), rerun the
+   sequential forward loop without autograd to get the chunk states S_c and U'_c,
+   run the reverse loop below by hand, then hand the gradients of (Qt, Kt, P, a, W, U)
+   to autograd, which carries them through the prepare step (gates, beta, the
+   inverse, the L2 norm, the head expansion) to q, k, v, g, beta. Autograd through
+   the sequential loop itself would record ~5 nodes per chunk and keep every
+   chunk's state alive; the hand-written reverse loop keeps the same two bmm per
+   chunk as the forward.
+5. **Safe decays.** Every exponential is of a number <= 0: exp(G) and exp(G_C - G)
+   directly, Gamma with the upper triangle masked to -inf *before* the exp. For
+   per-channel gates (GLA, KDA) the scores sum_d x_id y_jd exp(G_id - G_jd) are not
+   formed as (x * exp(G)) (y * exp(-G))^T, whose second factor overflows fp32 once a
+   chunk's cumulative decay passes ~88 (C = 64 tokens at g = -1.4 each, or 5 tokens
+   at g = -20): the chunk is cut into sub-chunks of :data:`SUB_CHUNK`; a query
+   sub-chunk I and an earlier key sub-chunk J use the reference point r = the first
+   position of I (x_i exp(G_i - G_r) and y_j exp(G_r - G_j), both <= 1); the
+   diagonal sub-blocks are summed exactly, elementwise. So there is **no chunk-length
+   limit** from the gates: what underflows is a weight below 1e-38.
+
+Backward of the sequential part (R_c = dL/dS_c, the gradient of the state after chunk
+c; R_n = the gradient of the final state)::
+
+    dU'_c    = P_c^T dO_c + Kt_c R_c
+    R_{c-1}  = a_c R_c + Qt_c^T dO_c - W_c^T dU'_c
+    dQt_c = dO_c S_{c-1}^T,  dP_c = dO_c U'_c^T,  dKt_c = U'_c R_c^T,
+    da_c = <S_{c-1}, R_c> (summed over M; over D too for a scalar gate),
+    dW_c = -dU'_c S_{c-1}^T,  dU_c = dU'_c
+
+(for decay attention U' = V, so dV = dU' and R is a decayed reverse scan).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple, cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+from attnkit.ops import linear_chunked
+from attnkit.ops.gated_common import GatedDims, l2norm
+
+__all__ = [
+    "DEFAULT_CHUNK",
+    "SUB_CHUNK",
+    "Plan",
+    "channel_scores",
+    "chunked_attention",
+    "plan_tiles",
+    "unit_lower_inverse",
+]
+
+#: Chunk length C when ``chunk_size=None``.
+DEFAULT_CHUNK = 64
+#: Sub-chunk length of the per-channel scores and of the triangular inverse's blocks.
+SUB_CHUNK = 16
+
+
+# --------------------------------------------------------------------------------------
+# Building blocks (all differentiable: the backward pass runs them under autograd)
+# --------------------------------------------------------------------------------------
+
+
+def _forward_substitution(A: Tensor) -> Tensor:
+    """(I + A)^{-1} for strictly lower-triangular A [N, c, c], row by row (no in-place ops)."""
+    N, c, _ = A.shape
+    eye = torch.eye(c, dtype=A.dtype, device=A.device)
+    T = eye[:1].expand(N, 1, c)
+    for i in range(1, c):
+        row = eye[i] - torch.bmm(A[:, i : i + 1, :i], T)  # T_i = e_i - sum_{j<i} A_ij T_j
+        T = torch.cat([T, row], dim=1)
+    return T
+
+
+def unit_lower_inverse(A: Tensor, block: int = SUB_CHUNK) -> Tensor:
+    """T = (I + A)^{-1} for strictly lower-triangular A [N, C, C] (a unit lower-triangular T).
+
+    Diagonal blocks of ``block`` rows by forward substitution, then block row i of T from
+    the rows above it: T_ij = -T_ii sum_{j <= k < i} A_ik T_kj (two bmm per block row).
+    """
+    N, C, _ = A.shape
+    if C <= block or C % block:
+        return _forward_substitution(A)
+    nb = C // block
+    Ab = A.view(N, nb, block, nb, block)
+    diag = Ab.diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)  # [N, nb, block, block]
+    Tdiag = _forward_substitution(diag.reshape(N * nb, block, block)).view(N, nb, block, block)
+    T = Tdiag[:, 0]  # [N, block, block]: the leading i block rows of the inverse so far
+    for i in range(1, nb):
+        lo = i * block
+        rows = A[:, lo : lo + block, :lo]  # [N, block, i block]
+        off = -torch.bmm(Tdiag[:, i], torch.bmm(rows, T))  # [N, block, i block]
+        zeros = A.new_zeros(N, lo, block)
+        T = torch.cat([torch.cat([T, zeros], dim=2), torch.cat([off, Tdiag[:, i]], dim=2)], dim=1)
+    return T
+
+
+def channel_scores(
+    x: Tensor, y: Tensor, Gc: Tensor, groups: int, strict: bool, sub: int = SUB_CHUNK
+) -> Tensor:
+    """S[(g, i), j] = sum_d x_gid y_jd exp(G_id - G_jd) for j <= i (j < i: ``strict``), else 0.
+
+    x [N, groups C, D] (``groups`` row blocks of C positions), y [N, C, D], Gc [N, C, D]
+    cumulative log-gates (non-increasing along C) -> [N, groups C, C]. Safe for any
+    gate strength: every exponential is of a number <= 0 (see idea 5 of the module).
+    """
+    N, C, D = y.shape
+    c = sub if (C > sub and C % sub == 0) else C
+    ns = C // c
+    xg = x.view(N, groups, ns, c, D)
+    Gs = Gc.view(N, ns, c, D)
+    # diagonal sub-blocks, exactly: E_ijd = exp(G_id - G_jd) masked (j <= i) before the exp
+    keep = torch.ones(c, c, dtype=torch.bool, device=x.device).tril(-1 if strict else 0)
+    diff = Gs.unsqueeze(3) - Gs.unsqueeze(2)  # [N, ns, c(i), c(j), D]
+    E = diff.masked_fill(~keep[:, :, None], float("-inf")).exp()
+    yE = E * y.view(N, ns, 1, c, D)  # y_jd E_ijd
+    # [N, ns, c(i), groups, D] @ [N, ns, c(i), D, c(j)] -> [N, ns, c(i), groups, c(j)]
+    diag = torch.matmul(xg.permute(0, 2, 3, 1, 4), yE.transpose(-1, -2))
+    blocks = x.new_zeros(N, groups, ns, c, ns, c)
+    blocks.diagonal(dim1=2, dim2=4).copy_(diag.permute(0, 3, 2, 4, 1))
+    out = blocks.view(N, groups, C, C)
+    if ns > 1:
+        # off-diagonal: reference r = first position of the query sub-chunk I
+        ref = Gs[:, :, :1]  # [N, ns, 1, D]
+        xr = xg * (Gs - ref).exp().unsqueeze(1)  # x_i exp(G_i - G_r) <= 1
+        pos = torch.arange(C, device=x.device)
+        before = pos[None, :] < (torch.arange(ns, device=x.device) * c)[:, None]  # [ns, C]
+        dk = ref - Gc.unsqueeze(1)  # [N, ns(I), C(j), D]: G_r - G_j, <= 0 where j < r
+        yr = y.unsqueeze(1) * dk.masked_fill(~before[None, :, :, None], float("-inf")).exp()
+        off = torch.bmm(
+            xr.permute(0, 2, 1, 3, 4).reshape(N * ns, groups * c, D),
+            yr.reshape(N * ns, C, D).transpose(1, 2),
+        )  # [N ns, groups c, C]
+        out = out + off.view(N, ns, groups, c, C).permute(0, 2, 1, 3, 4).reshape(N, groups, C, C)
+    return out.reshape(N, groups * C, C)
+
+
+def scalar_gamma(Gc: Tensor, strict: bool = False) -> Tensor:
+    """Gamma_ij = exp(G_i - G_j) for j <= i (j < i: ``strict``), else 0; Gc [N, C] -> [N, C, C]."""
+    C = Gc.shape[-1]
+    keep = torch.ones(C, C, dtype=torch.bool, device=Gc.device).tril(-1 if strict else 0)
+    return (Gc.unsqueeze(-1) - Gc.unsqueeze(-2)).masked_fill(~keep, float("-inf")).exp()
+
+
+class Prepared(NamedTuple):
+    """What the sequential part needs, per chunk, in chunk rows (see the module docstring)."""
+
+    Qt: Tensor  # [N, G C, D]
+    Kt: Tensor  # [N, C, D]
+    P: Tensor  # [N, G C, C]
+    a: Tensor | None  # [N] (scalar gate), [N, D] (per channel), None (no gate)
+    W: Tensor | None  # [N, C, D] (delta rule) or None
+    U: Tensor  # [N, C, M]: U = T beta V (delta rule) or V (decay)
+
+
+def prepare(
+    qc: Tensor,
+    kc: Tensor,
+    vc: Tensor,
+    gc: Tensor | None,
+    bc: Tensor | None,
+    G: int,
+    scale: float,
+    use_qk_l2norm: bool,
+) -> Prepared:
+    """The state-free part of every chunk: qc [N, G C, D], kc [N, C, D], vc [N, C, M],
+    gc [N, C] or [N, C, D] (log-gates, not yet cumulated) or None, bc [N, C] or None."""
+    N, C, D = kc.shape
+    if use_qk_l2norm:
+        qc, kc = l2norm(qc), l2norm(kc)
+    qc = qc * scale
+    a: Tensor | None = None
+    if gc is None:
+        Qt, Kt = qc, kc
+        P = (torch.bmm(qc, kc.transpose(1, 2)).view(N, G, C, C).tril()).view(N, G * C, C)
+        k_rhs = kc
+        gram = torch.bmm(kc, kc.transpose(1, 2)) if bc is not None else None
+    elif gc.dim() == 2:
+        Gc = gc.cumsum(dim=1)  # [N, C]
+        last = Gc[:, -1:]
+        eG = Gc.exp()
+        a = last.squeeze(1).exp()
+        Qt = (qc.view(N, G, C, D) * eG[:, None, :, None]).view(N, G * C, D)
+        Kt = kc * (last - Gc).exp().unsqueeze(-1)
+        gamma = scalar_gamma(Gc)
+        P = (torch.bmm(qc, kc.transpose(1, 2)).view(N, G, C, C) * gamma[:, None]).view(N, G * C, C)
+        k_rhs = kc * eG.unsqueeze(-1)
+        gram = torch.bmm(kc, kc.transpose(1, 2)) * gamma if bc is not None else None
+    else:
+        Gc = gc.cumsum(dim=1)  # [N, C, D]
+        last = Gc[:, -1:]
+        eG = Gc.exp()
+        a = last.squeeze(1).exp()
+        Qt = (qc.view(N, G, C, D) * eG[:, None]).view(N, G * C, D)
+        Kt = kc * (last - Gc).exp()
+        P = channel_scores(qc, kc, Gc, G, strict=False)
+        k_rhs = kc * eG
+        gram = channel_scores(kc, kc, Gc, 1, strict=True) if bc is not None else None
+    if bc is None or gram is None:
+        return Prepared(Qt, Kt, P, a, None, vc)
+    A = (gram * bc.unsqueeze(-1)).tril(-1)
+    T = unit_lower_inverse(A)
+    b = bc.unsqueeze(-1)
+    WU = torch.bmm(T, torch.cat([k_rhs * b, vc * b], dim=-1))
+    return Prepared(Qt, Kt, P, a, WU[..., :D], WU[..., D:])
+
+
+def _decay_rows(a: Tensor | None, h: int, n: int) -> Tensor | None:
+    """a [h n] or [h n, D] -> broadcastable against states [h, n, D, M]."""
+    if a is None:
+        return None
+    return a.view(h, n, 1, 1) if a.dim() == 1 else a.view(h, n, -1, 1)
+
+
+def sequential_forward(prep: Prepared, S_in: Tensor, h: int) -> tuple[Tensor, Tensor]:
+    """States after each chunk [h, n, D, M] and U' [h n, C, M] (a new tensor)."""
+    N, C, D = prep.Kt.shape
+    n = N // h
+    M = S_in.shape[-1]
+    a = _decay_rows(prep.a, h, n)
+    Kt = prep.Kt.view(h, n, C, D)
+    if prep.W is None:
+        Unew = prep.U
+        states = torch.bmm(prep.Kt.transpose(1, 2), Unew).view(h, n, D, M)
+        prev = S_in
+        for c in range(n):  # S_c = a_c S_{c-1} + Kt_c^T V_c (in place, a decayed scan)
+            if a is None:
+                states[:, c].add_(prev)
+            else:
+                states[:, c].addcmul_(prev, a[:, c])
+            prev = states[:, c]
+        return states, Unew
+    Unew = prep.U.clone()
+    Uv = Unew.view(h, n, C, M)
+    Wv = prep.W.view(h, n, C, D)
+    states = S_in.new_empty(h, n, D, M)
+    prev = S_in
+    for c in range(n):
+        Uv[:, c].baddbmm_(Wv[:, c], prev, alpha=-1.0)  # U'_c = U_c - W_c S_{c-1}
+        Sc = states[:, c]
+        if a is None:
+            Sc.copy_(prev)
+        else:
+            torch.mul(prev, a[:, c], out=Sc)
+        Sc.baddbmm_(Kt[:, c].transpose(1, 2), Uv[:, c])  # + Kt_c^T U'_c
+        prev = Sc
+    return states, Unew
+
+
+def _previous(states: Tensor, S_in: Tensor) -> Tensor:
+    """[h, n, D, M] states after each chunk -> the state before each chunk, [h n, D, M]."""
+    h, n = states.shape[:2]
+    return torch.cat([S_in.unsqueeze(1), states[:, :-1]], dim=1).view(h * n, *S_in.shape[1:])
+
+
+def _output(prep: Prepared, states: Tensor, Unew: Tensor, S_in: Tensor) -> Tensor:
+    """O = Qt S_{c-1} + P U' for every chunk: [h n, G C, M]."""
+    h, n, D, M = states.shape
+    N, GC, _ = prep.Qt.shape
+    o = prep.Qt.new_empty(N, GC, M)
+    if n > 1:  # chunk c reads chunk c - 1's state: one bmm over the batch shifted by one
+        torch.bmm(prep.Qt[1:], states.view(N, D, M)[:-1], out=o[1:])
+    o.view(h, n, GC, M)[:, 0] = torch.bmm(prep.Qt.view(h, n, GC, D)[:, 0], S_in)
+    return o.baddbmm_(prep.P, Unew)
+
+
+def sequential_backward(
+    prep: Prepared, states: Tensor, Unew: Tensor, S_in: Tensor, dO: Tensor, R: Tensor
+) -> tuple[list[Tensor], list[Tensor], Tensor]:
+    """Gradients of the prepared tensors (paired lists for autograd) and dL/dS_in."""
+    h, n, D, M = states.shape
+    N, C, _ = prep.Kt.shape
+    a = _decay_rows(prep.a, h, n)
+    Kt = prep.Kt.view(h, n, C, D)
+    dU = torch.bmm(prep.P.transpose(1, 2), dO)  # [N, C, M]: P^T dO, the intra part of dU'
+    Y = torch.bmm(prep.Qt.transpose(1, 2), dO).view(h, n, D, M)  # Qt^T dO; becomes R_{c-1}
+    dUv = dU.view(h, n, C, M)
+    after = R
+    for c in range(n - 1, -1, -1):
+        Yc = Y[:, c]
+        if prep.W is not None:
+            dUv[:, c].baddbmm_(Kt[:, c], after)  # dU'_c = P^T dO + Kt_c R_c
+            Yc.baddbmm_(prep.W.view(h, n, C, D)[:, c].transpose(1, 2), dUv[:, c], alpha=-1.0)
+        if a is None:
+            Yc.add_(after)
+        else:
+            Yc.addcmul_(after, a[:, c])  # R_{c-1} = a_c R_c + Qt^T dO (- W^T dU')
+        after = Yc
+    Rc = torch.cat([Y[:, 1:], R.unsqueeze(1)], dim=1).view(N, D, M)  # R_c for every chunk
+    if prep.W is None:
+        dU.baddbmm_(prep.Kt, Rc)  # dV = P^T dO + Kt R_c
+    S_prev = _previous(states, S_in)
+    outputs = [prep.Qt, prep.Kt, prep.P, prep.U]
+    grads = [
+        torch.bmm(dO, S_prev.transpose(1, 2)),
+        torch.bmm(Unew, Rc.transpose(1, 2)),
+        torch.bmm(dO, Unew.transpose(1, 2)),
+        dU,
+    ]
+    if prep.a is not None:
+        prod = S_prev * Rc
+        outputs.append(prep.a)
+        grads.append(prod.sum((1, 2)) if prep.a.dim() == 1 else prod.sum(2))
+    if prep.W is not None:
+        outputs.append(prep.W)
+        grads.append(-torch.bmm(dU, S_prev.transpose(1, 2)))
+    keep = [i for i, t in enumerate(outputs) if t.requires_grad]
+    return [outputs[i] for i in keep], [grads[i] for i in keep], Y[:, 0].clone()
+
+
+# --------------------------------------------------------------------------------------
+# Tiles and the autograd Function
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Tile sizes along (state heads, tokens) of the forward and the backward pass.
+
+    Token counts are multiples of the chunk length; the forward saves the state before
+    every backward tile.
+    """
+
+    fwd_tokens: int
+    fwd_heads: int
+    bwd_tokens: int
+    bwd_heads: int
+
+
+def _token_floats(G: int, D: int, M: int, C: int, delta: bool) -> tuple[int, int]:
+    """Floats held per state head per token by a forward and a backward tile (estimates)."""
+    fwd = G * (2 * D + C + M) + 2 * D + 2 * M + C + 2 * D * M // C
+    if delta:
+        fwd += 2 * D + M + 3 * C
+    return fwd, 3 * fwd
+
+
+def plan_tiles(
+    BH: int,
+    G: int,
+    L: int,
+    D: int,
+    M: int,
+    C: int,
+    delta: bool,
+    itemsize: int,
+    budget: int | None,
+) -> Plan:
+    """Tiles for ``BH`` state heads of length ``L``; ``budget=None`` (a GPU): one tile.
+
+    Each pass takes the longest run of whole chunks whose working set for one head fits
+    the budget (at least one chunk), then as many heads as fit. Backward tiles are at
+    least 2 D M / (D + M) tokens long, so the saved states never outweigh q, k, v.
+    """
+    L_pad = max(C, -(-L // C) * C)
+    if budget is None:
+        return Plan(L_pad, BH, L_pad, BH)
+    per_token = _token_floats(G, D, M, C, delta)
+    tokens = [max(C, min(L_pad, budget // (f * itemsize) // C * C)) for f in per_token]
+    floor = -(-2 * D * M // (D + M) // C) * C
+    tokens[1] = min(L_pad, max(tokens[1], floor))
+    heads = [
+        max(1, min(BH, budget // (f * itemsize * t)))
+        for f, t in zip(per_token, tokens, strict=True)
+    ]
+    return Plan(tokens[0], heads[0], tokens[1], heads[1])
+
+
+def _ranges(total: int, step: int) -> list[tuple[int, int]]:
+    return [(a, min(total, a + step)) for a in range(0, total, step)]
+
+
+def _rows(x: Tensor, n: int, C: int, dtype: torch.dtype) -> Tensor:
+    """[h, T, *W] (T <= n C) -> [h n, C, *W] in ``dtype``, zero rows past T."""
+    h, T = x.shape[:2]
+    if T < n * C:
+        x = F.pad(x, [0, 0] * (x.dim() - 2) + [0, n * C - T])
+    return x.to(dtype).reshape(h * n, C, *x.shape[2:])
+
+
+def _group_rows(x: Tensor, n: int, C: int, dtype: torch.dtype) -> Tensor:
+    """[h, G, T, D] -> [h n, G C, D] (row block g of chunk c holds query head g's rows)."""
+    h, G, T, D = x.shape
+    if T < n * C:
+        x = F.pad(x, (0, 0, 0, n * C - T))
+    x = x.to(dtype).reshape(h, G, n, C, D)
+    if G > 1:
+        x = x.transpose(1, 2)
+    return x.reshape(h * n, G * C, D)
+
+
+def _ungroup_rows(y: Tensor, h: int, G: int, C: int, T: int) -> Tensor:
+    """Inverse of :func:`_group_rows`: [h n, G C, W] -> [h, G, T, W]."""
+    W = y.shape[-1]
+    n = y.shape[0] // h
+    z = y.view(h, n, G, C, W)
+    if G > 1:
+        z = z.transpose(1, 2)
+    return z.reshape(h, G, n * C, W)[:, :, :T]
+
+
+@dataclass(frozen=True)
+class _Config:
+    G: int  # query rows per state head
+    q_index: Tensor | None  # state head -> q row (grouped value heads), None: a view
+    k_index: Tensor | None  # state head -> k row, None: Hk == Hv
+    scale: float
+    use_qk_l2norm: bool
+    chunk: int
+    plan: Plan
+
+
+class _Tile(NamedTuple):
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    g: Tensor | None
+    b: Tensor | None
+
+
+def _gather(src: Tensor, index: Tensor | None, h0: int, h1: int, t0: int, t1: int) -> Tensor:
+    if index is None:
+        return src[h0:h1, ..., t0:t1, :] if src.dim() == 4 else src[h0:h1, t0:t1]
+    return src.index_select(0, index[h0:h1])[..., t0:t1, :]
+
+
+def _tile_inputs(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor | None,
+    b: Tensor | None,
+    cfg: _Config,
+    h0: int,
+    h1: int,
+    t0: int,
+    t1: int,
+    acc: torch.dtype,
+) -> _Tile:
+    """The tile's inputs in chunk rows and ``acc`` (q [h n, G C, D], k, v, g, b [h n, C, ...])."""
+    C = cfg.chunk
+    n = -(-(t1 - t0) // C)
+    qt = _gather(q, cfg.q_index, h0, h1, t0, t1)  # [h, G, T, D]
+    kt = _gather(k, cfg.k_index, h0, h1, t0, t1)  # [h, T, D]
+    return _Tile(
+        _group_rows(qt, n, C, acc),
+        _rows(kt, n, C, acc),
+        _rows(v[h0:h1, t0:t1], n, C, acc),
+        None if g is None else _rows(g[h0:h1, t0:t1], n, C, acc),
+        None if b is None else _rows(b[h0:h1, t0:t1], n, C, acc),
+    )
+
+
+class _ChunkedGated(torch.autograd.Function):
+    """Tiled chunked decay attention / delta rule with a recomputing backward pass."""
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        g: Tensor | None,
+        b: Tensor | None,
+        S0: Tensor,
+        cfg: _Config,
+    ) -> tuple[Tensor, Tensor]:
+        # q [BHq, G', L, D] (G' = G, or 1 with q_index), k [BHk, L, D], v [BH, L, M],
+        # g [BH, L(, D)] or None, b [BH, L] or None, S0 [BH, D, M] (acc dtype)
+        acc = S0.dtype
+        BH, D, M = S0.shape
+        L = v.shape[1]
+        G, C, plan = cfg.G, cfg.chunk, cfg.plan
+        out = q.new_empty((BH, G, L, M), dtype=acc)
+        starts = S0.new_empty((len(_ranges(L, plan.bwd_tokens)), BH, D, M))
+        final = S0.detach().clone()
+        with torch.no_grad():
+            for h0, h1 in _ranges(BH, plan.fwd_heads):
+                h = h1 - h0
+                S = S0.detach()[h0:h1]
+                for t0, t1 in _ranges(L, plan.fwd_tokens):
+                    x = _tile_inputs(q, k, v, g, b, cfg, h0, h1, t0, t1, acc)
+                    prep = prepare(*x, G, cfg.scale, cfg.use_qk_l2norm)
+                    states, Unew = sequential_forward(prep, S, h)
+                    first = -(-t0 // plan.bwd_tokens) * plan.bwd_tokens
+                    for s in range(first, t1, plan.bwd_tokens):  # backward tiles starting here
+                        j = (s - t0) // C - 1  # the chunk that ends at s (-1: the tile's start)
+                        starts[s // plan.bwd_tokens, h0:h1] = S if j < 0 else states[:, j]
+                    o = _output(prep, states, Unew, S)
+                    out[h0:h1, :, t0:t1] = _ungroup_rows(o, h, G, C, t1 - t0)
+                    S = states[:, -1]
+                final[h0:h1] = S
+        ctx.save_for_backward(q, k, v, g, b, starts)  # type: ignore[arg-type]  # None allowed
+        ctx.cfg = cfg  # type: ignore[attr-defined]
+        return out, final
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, d_out: Tensor, d_final: Tensor | None) -> tuple[Tensor | None, ...]:
+        q, k, v, g, b, starts = ctx.saved_tensors
+        cfg: _Config = ctx.cfg
+        need = ctx.needs_input_grad[:6]
+        acc = starts.dtype
+        BH, D, M = starts.shape[1:]
+        L = v.shape[1]
+        G, C, plan = cfg.G, cfg.chunk, cfg.plan
+        grads: list[Tensor | None] = [
+            torch.zeros_like(t, dtype=acc) if (t is not None and need[i]) else None
+            for i, t in enumerate((q, k, v, g, b))
+        ]
+        dS0 = starts.new_zeros((BH, D, M))
+        dST = d_final.to(acc) if d_final is not None else torch.zeros_like(dS0)
+        segments = _ranges(L, plan.bwd_tokens)
+        for h0, h1 in _ranges(BH, plan.bwd_heads):
+            h = h1 - h0
+            R = dST[h0:h1]
+            for s in range(len(segments) - 1, -1, -1):
+                t0, t1 = segments[s]
+                T = t1 - t0
+                n = -(-T // C)
+                x = _tile_inputs(q, k, v, g, b, cfg, h0, h1, t0, t1, acc)
+                leaves = [
+                    None if t is None else t.detach().requires_grad_(bool(need[i]))
+                    for i, t in enumerate(x)
+                ]
+                with torch.enable_grad():
+                    lq, lk, lv, lg, lb = leaves
+                    prep = prepare(
+                        cast(Tensor, lq),
+                        cast(Tensor, lk),
+                        cast(Tensor, lv),
+                        lg,
+                        lb,
+                        G,
+                        cfg.scale,
+                        cfg.use_qk_l2norm,
+                    )
+                plain = Prepared(*(None if t is None else t.detach() for t in prep))  # type: ignore[arg-type]
+                S_in = starts[s, h0:h1]
+                states, Unew = sequential_forward(plain, S_in, h)
+                dO = _group_rows(d_out[h0:h1, :, t0:t1], n, C, acc)
+                outs, gs, R = sequential_backward(prep, states, Unew, S_in, dO, R)
+                if outs:
+                    torch.autograd.backward(outs, gs)
+                _scatter_grads(grads, leaves, cfg, h0, h1, t0, t1, h, G, C, T)
+            dS0[h0:h1] = R
+        dq, dk, dv, dg, db = (
+            None if t is None or src is None else t.to(src.dtype)
+            for t, src in zip(grads, (q, k, v, g, b), strict=True)
+        )
+        return dq, dk, dv, dg, db, (dS0 if need[5] else None), None
+
+
+def _scatter_grads(
+    grads: list[Tensor | None],
+    leaves: list[Tensor | None],
+    cfg: _Config,
+    h0: int,
+    h1: int,
+    t0: int,
+    t1: int,
+    h: int,
+    G: int,
+    C: int,
+    T: int,
+) -> None:
+    """Add the tile leaves' gradients (chunk rows) into the full gradients."""
+    for i, (full, leaf) in enumerate(zip(grads, leaves, strict=True)):
+        if full is None or leaf is None or leaf.grad is None:
+            continue
+        if i == 0:
+            part = _ungroup_rows(leaf.grad, h, G, C, T)  # [h, G, T, D]
+            index = cfg.q_index
+        else:
+            part = leaf.grad.view(h, -1, *leaf.shape[2:])[:, :T]
+            index = cfg.k_index if i == 1 else None
+        if index is None:
+            target = full[h0:h1, ..., t0:t1, :] if full.dim() == 4 else full[h0:h1, t0:t1]
+            target.add_(part)
+        else:  # several state heads share this q / k head: accumulate
+            full[..., t0:t1, :].index_add_(0, index[h0:h1], part)
+
+
+def _head_index(B: int, Hv: int, Hx: int, device: torch.device) -> Tensor | None:
+    """State head s (of B Hv) -> row of an input with Hx heads that it reads (None: same)."""
+    if Hx == Hv:
+        return None
+    s = torch.arange(B * Hv, device=device)
+    return (s // Hv) * Hx + (s % Hv) // (Hv // Hx)
+
+
+def chunked_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor | None,
+    beta: Tensor | None,
+    S0: Tensor,
+    dims: GatedDims,
+    *,
+    scale: float,
+    chunk: int,
+    use_qk_l2norm: bool = False,
+    plan: Plan | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Validated inputs -> (o [B, Ho, L, M] in q's dtype, final state [B, Hv, D, M] in S0's).
+
+    ``beta=None`` is decay attention (``g`` required), otherwise the delta rule.
+    ``plan`` overrides :func:`plan_tiles` (tests force many small tiles with it).
+    """
+    B, Hq, Hk, Hv, L, D, M = dims.B, dims.Hq, dims.Hk, dims.Hv, dims.L, dims.D, dims.M
+    G = dims.G
+    BH = B * Hv
+    if Hq >= Hv:
+        qs, q_index = q.reshape(BH, G, L, D), None
+    else:
+        qs, q_index = q.reshape(B * Hq, 1, L, D), _head_index(B, Hv, Hq, q.device)
+    ks = k.reshape(B * Hk, L, D)
+    k_index = _head_index(B, Hv, Hk, q.device)
+    gs = None if g is None else g.reshape(BH, L, *g.shape[3:])
+    bs = None if beta is None else beta.reshape(BH, L)
+    if plan is None:
+        budget = linear_chunked.CPU_TILE_BYTES if q.device.type == "cpu" else None
+        plan = plan_tiles(BH, G, L, D, M, chunk, beta is not None, S0.element_size(), budget)
+    cfg = _Config(G, q_index, k_index, scale, use_qk_l2norm, chunk, plan)
+    apply = cast(Callable[..., tuple[Tensor, Tensor]], _ChunkedGated.apply)
+    out, final = apply(qs, ks, v.reshape(BH, L, M), gs, bs, S0.reshape(BH, D, M), cfg)
+    o = out.reshape(B, dims.Ho, L, M).to(q.dtype)
+    return o, final.view(B, Hv, D, M)
