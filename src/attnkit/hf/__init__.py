@@ -3,10 +3,16 @@
 ``attnkit`` itself never imports this package (nor transformers).
 """
 
+from attnkit.hf.accelerate import SUPPORTED, accelerate, accelerated, is_accelerated, restore
 from attnkit.hf.attention import DEFAULT_NAME, attention_function, register
 
 __all__ = [
     "DEFAULT_NAME",
+    "SUPPORTED",
+    "accelerate",
+    "accelerated",
     "attention_function",
+    "is_accelerated",
     "register",
+    "restore",
 ]
