@@ -3,7 +3,7 @@
 ``attnkit`` itself never imports this package (nor transformers).
 """
 
-from attnkit.hf.accelerate import SUPPORTED, accelerate, accelerated, is_accelerated, restore
+from attnkit.hf.linear_layers import SUPPORTED, accelerate, accelerated, is_accelerated, restore
 from attnkit.hf.attention import DEFAULT_NAME, attention_function, register
 
 __all__ = [
