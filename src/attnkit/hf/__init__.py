@@ -3,8 +3,8 @@
 ``attnkit`` itself never imports this package (nor transformers).
 """
 
-from attnkit.hf.linear_layers import SUPPORTED, accelerate, accelerated, is_accelerated, restore
 from attnkit.hf.attention import DEFAULT_NAME, attention_function, register
+from attnkit.hf.linear_layers import SUPPORTED, accelerate, accelerated, is_accelerated, restore
 
 __all__ = [
     "DEFAULT_NAME",
