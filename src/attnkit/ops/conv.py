@@ -56,10 +56,14 @@ __all__ = [
 #: Activations accepted by name ("swish" is silu's other name, as in HF and causal-conv1d).
 ACTIVATIONS: tuple[str, ...] = ("silu", "swish")
 
-#: Bytes of input rows per CPU tile. With [L, C] rows in cache, the K shifted reads, the
-#: output writes and the activation touch cache, not memory. 1 MiB (64 rows at
-#: C = 4096 fp32) was the fastest of 16/64/256 rows on the reference 2-core machine.
-CPU_TILE_BYTES = 1 << 20
+#: Bytes of input rows per CPU tile. Within a tile the K shifted reads, the output writes
+#: and the activation hit the last-level cache instead of memory. Measured on the 2-core
+#: reference machine (B = 1, C = 4096, L = 4096, fp32, silu; two runs while other jobs
+#: kept both cores busy): with 1 thread every budget from 1 to 16 MiB was within 1.2x
+#: of the best and 1.3-1.5x faster than no tiling; with 2 threads budgets below 4 MiB
+#: were 1.5-4x slower than 16 MiB (each small op's OpenMP barrier waits for the busy
+#: core), 16 MiB matched no tiling. 16 MiB (1024 rows at C = 4096) is the robust pick.
+CPU_TILE_BYTES = 16 << 20
 
 
 def _check_activation(activation: object) -> bool:
