@@ -170,7 +170,8 @@ def qwen_benchmarks(args: argparse.Namespace, rows: list[dict[str, Any]]) -> Non
             args.repeats,
             "",
         )
-        check_close(causal_conv1d(x, w, None, "silu")[0], hfq.causal_conv1d_fn(x, w, None, "silu"), "conv")
+        y_hf = hfq.causal_conv1d_fn(x, w, None, "silu")
+        check_close(causal_conv1d(x, w, None, "silu")[0], y_hf, "short conv")
         compare(
             rows,
             f"short conv + silu (one layer), C={C}, K={K}, N={N}",
