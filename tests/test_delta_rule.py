@@ -355,7 +355,7 @@ def test_channel_scores_equal_the_exact_sum_even_at_g_minus_20(C: int, strict: b
     torch.testing.assert_close(got32.double(), expect, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("C", [1, 5, 16, 48, 64, 128])
+@pytest.mark.parametrize("C", [1, 5, 64])
 def test_unit_lower_inverse(C: int) -> None:
     A = torch.randn(4, C, C, dtype=torch.float64).tril(-1) * 0.3
     T = gated_chunked.unit_lower_inverse(A)
@@ -381,3 +381,22 @@ def test_strong_decay_fp32_matches_fp64_reference(gate: str | None) -> None:
     assert torch.isfinite(o).all() and torch.isfinite(S).all()
     torch.testing.assert_close(o.double(), o64, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(S.double(), S64, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("gate", [None, "scalar"])
+def test_half_inputs_at_65536_tokens_are_finite_and_close_to_fp32(
+    dtype: torch.dtype, gate: str | None
+) -> None:
+    # Accumulating in the half dtype over 65536 tokens would drift; the fast path computes
+    # in fp32 and rounds only the output, so it matches fp32 on the same (rounded) inputs
+    # to the output's rounding.
+    inp = make_inputs(1, 1, 1, 2, 65536, 16, 8, gate=gate, g_min=-0.05, dtype=dtype)
+    o, S = fast(None)(*inp)
+    up = inp._replace(q=inp.q.float(), k=inp.k.float(), v=inp.v.float())
+    o32, S32 = fast(None)(*up)
+    assert o.dtype == dtype and torch.isfinite(o).all() and torch.isfinite(S).all()
+    torch.testing.assert_close(S, S32, atol=1e-5, rtol=1e-5)
+    tol = 2e-2 if dtype == torch.bfloat16 else 2e-3  # one rounding of the output
+    torch.testing.assert_close(o.float(), o32, atol=tol, rtol=tol)

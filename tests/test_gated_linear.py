@@ -180,3 +180,16 @@ def test_output_in_input_dtype_state_in_fp32(dtype: torch.dtype) -> None:
     assert o.dtype == dtype and S is not None and S.dtype == torch.float32
     o, S = attnkit.gated_linear_attention_step(q[:, :, :1], k[:, :, :1], v[:, :, :1], g[:, :, :1])
     assert o.dtype == dtype and S.dtype == torch.float32
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_at_65536_tokens_are_finite_and_close_to_fp32(dtype: torch.dtype) -> None:
+    inp = make_inputs(1, 1, 1, 2, 65536, 16, 8, gate="channel", g_min=-0.05, dtype=dtype)
+    o, S = fast(None)(*inp)
+    up = inp._replace(q=inp.q.float(), k=inp.k.float(), v=inp.v.float())
+    o32, S32 = fast(None)(*up)
+    assert o.dtype == dtype and torch.isfinite(o).all() and torch.isfinite(S).all()
+    torch.testing.assert_close(S, S32, atol=1e-5, rtol=1e-5)
+    tol = 2e-2 if dtype == torch.bfloat16 else 2e-3
+    torch.testing.assert_close(o.float(), o32, atol=tol, rtol=tol)

@@ -25,6 +25,7 @@ from rich.progress import (
 
 import attnkit
 import attnkit.bench.cases  # registers the cases
+import attnkit.bench.cases_gated
 from attnkit.bench.core import CASES, PROFILES, BenchContext, Profile
 from attnkit.bench.results import CaseResult, MachinePeaks, Report
 

@@ -33,6 +33,10 @@ from attnkit._timing import Timing, time_call
 from attnkit.cost import model
 from attnkit.feature_maps import Polynomial
 from attnkit.ops.argmax import argmax_attention
+from attnkit.ops.decay.attention import gated_linear_attention_step
+from attnkit.ops.decay.reference import chunked_decay
+from attnkit.ops.delta.attention import delta_rule_step
+from attnkit.ops.delta.reference import chunked_delta
 from attnkit.ops.kernel import kernel_attention
 from attnkit.ops.linear import linear_attention, linear_attention_step
 from attnkit.ops.softmax import sdpa, sdpa_reference
@@ -230,6 +234,65 @@ def _decode(kind: str) -> Build:
     return build
 
 
+def _gated_inputs(
+    s: Mapping[str, int], dtype: torch.dtype, grad: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """q [B, Hv, G, L, D] (scaled), unit k, v, g in [-1, 0], beta in [0, 1], S0 (zeros)."""
+    B, Hv, G, L, D, M = s["B"], s["Hv"], s["G"], s["L"], s["D"], s["M"]
+    acc = torch.promote_types(dtype, torch.float32)
+    q = torch.randn(B, Hv, G, L, D, dtype=dtype) * D**-0.5
+    k = torch.nn.functional.normalize(torch.randn(B, Hv, L, D, dtype=dtype), dim=-1)
+    v = torch.randn(B, Hv, L, M, dtype=dtype)
+    g, beta = -torch.rand(B, Hv, L, dtype=dtype), torch.rand(B, Hv, L, dtype=dtype)
+    S0 = torch.zeros(B, Hv, D, M, dtype=acc)
+    for t in (q, k, v, g, beta):
+        t.requires_grad_(grad)
+    return q, k, v, g, beta, S0
+
+
+def _gated_chunked(delta: bool) -> Build:
+    def build(s: Mapping[str, int], phase: str, dtype: torch.dtype) -> Callable[[], object]:
+        _divides(s["C"], s["L"], "chunk length C")
+        grad = phase == "train"
+        q, k, v, g, beta, S0 = _gated_inputs(s, dtype, grad)
+
+        def fn() -> Tensor:
+            if delta:
+                return chunked_delta(q, k, v, beta, g, S0, s["C"])[0]
+            return chunked_decay(q, k, v, g, S0, s["C"])[0]
+
+        if grad:
+            return _train(fn, (q, k, v, g, beta))
+
+        def forward() -> object:
+            with torch.no_grad():
+                return fn()
+
+        return forward
+
+    return build
+
+
+def _gated_step(delta: bool) -> Build:
+    def build(s: Mapping[str, int], phase: str, dtype: torch.dtype) -> Callable[[], object]:
+        B, Hv, G, D, M = s["B"], s["Hv"], s["G"], s["D"], s["M"]
+        q = torch.randn(B, Hv * G, 1, D, dtype=dtype)
+        k = torch.nn.functional.normalize(torch.randn(B, Hv, 1, D, dtype=dtype), dim=-1)
+        v = torch.randn(B, Hv, 1, M, dtype=dtype)
+        g, beta = -torch.rand(B, Hv, 1, dtype=dtype), torch.rand(B, Hv, 1, dtype=dtype)
+        S = torch.randn(B, Hv, D, M, dtype=torch.promote_types(dtype, torch.float32))
+
+        def step() -> object:
+            with torch.no_grad():
+                if delta:
+                    return delta_rule_step(q, k, v, beta, g, state=S, enable_gqa=True)
+                return gated_linear_attention_step(q, k, v, g, state=S, enable_gqa=True)
+
+        return step
+
+    return build
+
+
 _RUNNERS: dict[tuple[str, str], Runner] = {
     ("softmax", "keep"): Runner(
         "attnkit.sdpa_reference (plain math)",
@@ -268,6 +331,14 @@ _RUNNERS: dict[tuple[str, str], Runner] = {
     ("mha", "keep"): Runner("attnkit.decoding.mha_step", True, _decode("mha")),
     ("mqa", "keep"): Runner("attnkit.decoding.mqa_step", True, _decode("mqa")),
     ("gqa", "keep"): Runner("attnkit.decoding.gqa_step", True, _decode("gqa")),
+    ("gla_chunked", "keep"): Runner(
+        "attnkit.ops.decay.reference.chunked_decay (plain einsums)", True, _gated_chunked(False)
+    ),
+    ("gated_delta_chunked", "keep"): Runner(
+        "attnkit.ops.delta.reference.chunked_delta (plain einsums)", True, _gated_chunked(True)
+    ),
+    ("gla_step", "keep"): Runner("attnkit.gated_linear_attention_step", True, _gated_step(False)),
+    ("gated_delta_step", "keep"): Runner("attnkit.delta_rule_step", True, _gated_step(True)),
 }
 
 

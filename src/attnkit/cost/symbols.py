@@ -38,6 +38,8 @@ LEGEND: dict[str, str] = {
     "B": "batch",
     "H": "query heads",
     "Hk": "key/value heads (H/Hk query heads share one)",
+    "Hv": "value (state) heads of decay / delta-rule attention",
+    "G": "query rows per state head (decay / delta rule; 1 unless Hq > Hv)",
     "L": "query length",
     "S": "key length",
     "N": "sequence length of the design doc's table (L = S = N)",

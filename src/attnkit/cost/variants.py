@@ -14,6 +14,10 @@ Variants (``attnkit cost --table`` lists them with their complexity)::
     linear_chunked   linear_attention, causal chunked   forward, train  quadratic phi
     linear_step      linear_attention_step              decode          quadratic phi
     mha, mqa, gqa    decoding.mha_step / mqa_step / gqa_step           decode
+    gla_chunked      decay.reference.chunked_decay      forward, train  scalar gate
+    gla_step         gated_linear_attention_step        decode          scalar gate
+    gated_delta_chunked  delta.reference.chunked_delta  forward, train  scalar gate
+    gated_delta_step     delta_rule_step                decode          scalar gate
 
 Non-causal softmax, argmax and kernel attention; no masks, dropout or eps checks
 (they are O(L S) elementwise at most and change no matmul).
@@ -24,9 +28,18 @@ from __future__ import annotations
 from attnkit import decoding
 from attnkit._contract import Contraction
 from attnkit.cost.model import Elementwise, Step, Variant, register
-from attnkit.ops import kernel, linear, softmax
+from attnkit.ops import gated_step, kernel, linear, softmax
+from attnkit.ops.decay import reference as decay_ref
+from attnkit.ops.delta import reference as delta_ref
 
-__all__ = ["DECODE_ASSUMPTIONS", "LINEAR_ASSUMPTIONS", "SEQUENCE_ASSUMPTIONS", "STEP_ASSUMPTIONS"]
+__all__ = [
+    "DECODE_ASSUMPTIONS",
+    "GATED_ASSUMPTIONS",
+    "GATED_STEP_ASSUMPTIONS",
+    "LINEAR_ASSUMPTIONS",
+    "SEQUENCE_ASSUMPTIONS",
+    "STEP_ASSUMPTIONS",
+]
 
 #: Big-O assumptions of the design doc's table, per head and sequence: the doc writes
 #: N, D, M for L = S, E, Ev and drops B and H.
@@ -297,3 +310,211 @@ for _name, _fn, _specs, _cache in (
             defaults=_DECODE_DEFAULTS,
         )
     )
+
+
+# ---- decay attention and the delta rule (scalar gate), chunked and one step --------------
+#: Per head and sequence; the chunk at most as long as the key and value widths (C = 64
+#: against D = M = 128 in Qwen3-Next), so the state work N D M dominates the N C D terms.
+GATED_ASSUMPTIONS = "N, D, M >> 1; B = Hv = G = 1; L = N; C <= N; C <= D; C <= M"
+GATED_STEP_ASSUMPTIONS = "D, M >> 1; B = Hv = G = 1"
+_GATED_DEFAULTS = {"B": 1, "Hv": 16, "G": 1, "L": 4096, "D": 128, "M": 128, "C": 64}
+_CHUNK_AXES = ("B", "Hv", "L/C", "C")
+_GATED_TENSORS = {
+    "q": ("B", "Hv", "G", "L", "D"),
+    "k": ("B", "Hv", "L", "D"),
+    "v": ("B", "Hv", "L", "M"),
+    "g": ("B", "Hv", "L"),
+    "beta": ("B", "Hv", "L"),
+    "S0": ("B", "Hv", "D", "M"),
+    "Gc": _CHUNK_AXES,
+    "Gamma": (*_CHUNK_AXES, "C"),
+    "A": (*_CHUNK_AXES, "C"),
+    "S_final": ("B", "Hv", "D", "M"),
+    "out": ("B", "Hv", "G", "L", "M"),
+}
+
+
+def _pad(x: str, out: str) -> Elementwise:
+    return Elementwise(f"chunk {x} (pad to whole chunks, a copy)", (x,), out, 0)
+
+
+def _gated_front(with_beta: bool) -> tuple[Step, ...]:
+    steps: list[Step] = [
+        _pad("q", "qc"),
+        _pad("k", "kc"),
+        _pad("v", "vc"),
+        Elementwise("cumulative log-gates in each chunk", ("g",), "Gc", 1),
+        Elementwise("Gamma = exp(G_i - G_j), masked before the exp", ("Gc",), "Gamma", 3),
+        Elementwise("Q exp(G)", ("qc", "Gc"), "q_decayed", 2, over="q_decayed"),
+    ]
+    if with_beta:
+        steps.append(
+            Elementwise("copy of kc (the Gram matrix's second operand)", ("kc",), "kc_", 0)
+        )
+    return tuple(steps)
+
+
+register(
+    Variant(
+        name="gla_chunked",
+        summary="decay (simple GLA / RetNet / Mamba-2) attention, chunked, scalar gate",
+        implementation="attnkit.ops.decay.reference.chunked_decay",
+        steps=(
+            *_gated_front(False),
+            decay_ref.CHUNK_SCORES,
+            Elementwise("P = scores * Gamma", ("scores", "Gamma"), "P", 1, over="P"),
+            Elementwise("K exp(G_C - G)", ("kc", "Gc"), "k_decayed", 2, over="k_decayed"),
+            decay_ref.CHUNK_STATE,
+            Elementwise("S_c = a_c S_{c-1} + kv_c (chunk by chunk)", ("S0", "kv"), "S_prev", 2),
+            Elementwise("final state", ("S_prev", "kv"), "S_final", 2),
+            decay_ref.CHUNK_INTER,
+            decay_ref.CHUNK_INTRA,
+            Elementwise("inter + intra", ("o_inter", "o_intra"), "out", 1),
+        ),
+        tensors=_GATED_TENSORS,
+        inputs=("q", "k", "v", "g", "S0"),
+        outputs=("out", "S_final"),
+        grad_inputs=("q", "k", "v", "g"),
+        recomputable=(
+            "qc",
+            "kc",
+            "vc",
+            "Gc",
+            "Gamma",
+            "scores",
+            "P",
+            "q_decayed",
+            "k_decayed",
+            "kv",
+            "S_prev",
+            "o_inter",
+            "o_intra",
+        ),
+        assumptions=GATED_ASSUMPTIONS,
+        defaults={**_GATED_DEFAULTS, "Hv": 8},
+    )
+)
+
+register(
+    Variant(
+        name="gated_delta_chunked",
+        summary="gated delta rule (Qwen3-Next), chunked UT/WY form, scalar gate",
+        implementation="attnkit.ops.delta.reference.chunked_delta",
+        steps=(
+            *_gated_front(True),
+            delta_ref.CHUNK_GRAM,
+            Elementwise(
+                "A = StrictTril(beta gram Gamma)", ("gram", "Gamma", "beta"), "A", 2, over="A"
+            ),
+            Elementwise("T = (I + A)^-1 (triangular solve, not a matmul)", ("A",), "T", 0),
+            Elementwise(
+                "rhs = [beta K exp(G), beta V]", ("kc", "vc", "Gc", "beta"), "rhs", 2, over="rhs"
+            ),
+            delta_ref.CHUNK_WU,
+            delta_ref.CHUNK_SCORES,
+            Elementwise("P = scores * Gamma", ("scores", "Gamma"), "P", 1, over="P"),
+            Elementwise("K exp(G_C - G)", ("kc", "Gc"), "k_decayed", 2, over="k_decayed"),
+            Elementwise("W, U = split(WU)", ("WU",), "W", 0),
+            delta_ref.CHUNK_WS,
+            Elementwise("U' = U - W S_{c-1}", ("WU", "WS"), "U_new", 1, over="U_new"),
+            delta_ref.CHUNK_STATE,
+            Elementwise("S_c = a_c S_{c-1} + kv_c (chunk by chunk)", ("S0", "kv"), "S_final", 2),
+            delta_ref.CHUNK_INTER,
+            delta_ref.CHUNK_INTRA,
+            Elementwise("inter + intra", ("o_inter", "o_intra"), "out", 1),
+        ),
+        tensors={
+            **_GATED_TENSORS,
+            "T": (*_CHUNK_AXES, "C"),
+            "vc": (*_CHUNK_AXES, "M"),
+        },
+        inputs=("q", "k", "v", "g", "beta", "S0"),
+        outputs=("out", "S_final"),
+        grad_inputs=("q", "k", "v", "g", "beta"),
+        recomputable=(
+            "qc",
+            "kc",
+            "kc_",
+            "vc",
+            "Gc",
+            "Gamma",
+            "gram",
+            "A",
+            "T",
+            "rhs",
+            "WU",
+            "W",
+            "scores",
+            "P",
+            "q_decayed",
+            "k_decayed",
+            "WS",
+            "U_new",
+            "kv",
+            "S_prev",
+            "o_inter",
+            "o_intra",
+        ),
+        assumptions=GATED_ASSUMPTIONS,
+        defaults=_GATED_DEFAULTS,
+    )
+)
+
+
+def _gated_step(name: str, summary: str, implementation: str, delta: bool) -> Variant:
+    steps: list[Step] = [
+        Elementwise("[k; q] (the two rows read from the state)", ("q", "k"), "kq", 0),
+        gated_step.STEP_READ,
+        Elementwise("reads * a (the decay, on M numbers)", ("reads",), "reads_a", 1),
+    ]
+    if delta:
+        steps.append(Elementwise("u = beta (v - k^T S')", ("reads_a", "v", "beta"), "u", 2))
+    u = "u" if delta else "v"
+    steps += [
+        Elementwise("o = scale (q^T S' + (q . k) u)", ("reads_a", u), "o", 3),
+        Elementwise("S' = a S (a fresh state)", ("S0",), "S_decayed", 1),
+        Elementwise(
+            "S_new = S' + k u^T (in place)", ("S_decayed", "k", u), "S", 2, over="S_decayed"
+        ),
+    ]
+    return Variant(
+        name=name,
+        summary=summary,
+        implementation=implementation,
+        steps=tuple(steps),
+        tensors={
+            "q": ("B", "Hv", "G", "D"),
+            "k": ("B", "Hv", "D"),
+            "v": ("B", "Hv", "M"),
+            "beta": ("B", "Hv"),
+            "reads_a": ("B", "Hv", "1 + G", "M"),
+            "u": ("B", "Hv", "M"),
+            "o": ("B", "Hv", "G", "M"),
+            "S0": ("B", "Hv", "D", "M"),
+            "S_decayed": ("B", "Hv", "D", "M"),
+            "S": ("B", "Hv", "D", "M"),
+        },
+        inputs=("q", "k", "v", "S0", *(("beta",) if delta else ())),
+        outputs=("o", "S"),
+        phases=("decode",),
+        assumptions=GATED_STEP_ASSUMPTIONS,
+        defaults={"B": 8, "Hv": 16, "G": 1, "D": 128, "M": 128},
+    )
+
+
+register(
+    _gated_step(
+        "gla_step",
+        "decay attention, one decoding step from a state, scalar gate",
+        "attnkit.gated_linear_attention_step",
+        False,
+    )
+)
+register(
+    _gated_step(
+        "gated_delta_step",
+        "gated delta rule, one decoding step from a state (reads the state once)",
+        "attnkit.delta_rule_step",
+        True,
+    )
+)
