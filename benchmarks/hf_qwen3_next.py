@@ -19,7 +19,13 @@ interleaved repeats (medians; ratios are what to read on a shared machine):
 
 Every accelerated output is checked against the plain model before timing.
 
-    python benchmarks/hf_qwen3_next.py                  # 2 threads, N = 4096 (a few minutes)
+``--cpu-time`` times by the process's CPU time at 1 thread instead of wall-clock time
+(``time.process_time``, as ``benchmarks/gated_cpu_time.py`` does): on a shared machine
+a busy neighbour inflates wall-clock times, and at 2 threads every OpenMP barrier waits
+for the busy core, but the CPU time of a single-threaded process barely moves.
+
+    python benchmarks/hf_qwen3_next.py                  # wall clock, 2 threads, N = 4096
+    python benchmarks/hf_qwen3_next.py --cpu-time       # CPU time, 1 thread
     python benchmarks/hf_qwen3_next.py --tokens 1024 --repeats 3     # quicker
 """
 
@@ -34,6 +40,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from gated_cpu_time import cpu_times  # benchmarks/ is on sys.path when run as a script
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3NextConfig, Qwen3NextForCausalLM
 from transformers.models.qwen3_next import modeling_qwen3_next as hfq
 
@@ -43,6 +50,7 @@ from attnkit.bench.core import time_interleaved
 from attnkit.ops.conv import causal_conv1d, causal_conv1d_update
 
 VOCAB = 2048
+CPU_TIME = False  # set by --cpu-time
 
 
 def qwen3_next() -> Qwen3NextForCausalLM:
@@ -95,8 +103,12 @@ def compare(
 ) -> None:
     """Time the two entries of ``fns`` (baseline first) interleaved; add a table row."""
     (base_name, _), (ours_name, _) = fns.items()
-    t = time_interleaved(fns, repeats=repeats, warmup=1, min_sample_s=0.2)
-    base, ours = t[base_name].median, t[ours_name].median
+    if CPU_TIME:
+        t = cpu_times(fns, rounds=repeats)
+        base, ours = t[base_name], t[ours_name]
+    else:
+        wall = time_interleaved(fns, repeats=repeats, warmup=1, min_sample_s=0.2)
+        base, ours = wall[base_name].median, wall[ours_name].median
     rows.append(
         {
             "what": what,
@@ -155,9 +167,12 @@ def qwen_benchmarks(args: argparse.Namespace, rows: list[dict[str, Any]]) -> Non
         )
 
     def ak_chunk() -> object:
+        # as accelerate calls it: q, k expanded to the Hv value heads, the rest as views
+        r = Hv // Hk
         o, _ = attnkit.delta_rule_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), beta.transpose(1, 2),
-            g.transpose(1, 2), use_qk_l2norm=True, output_final_state=True, enable_gqa=True,
+            q.transpose(1, 2).repeat_interleave(r, 1), k.transpose(1, 2).repeat_interleave(r, 1),
+            v.transpose(1, 2), beta.transpose(1, 2), g.transpose(1, 2),
+            use_qk_l2norm=True, output_final_state=True,
         )  # fmt: skip
         return o.transpose(1, 2)
 
@@ -298,13 +313,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--skip-llama", action="store_true")
+    parser.add_argument("--cpu-time", action="store_true", help="CPU time at 1 thread")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    global CPU_TIME
+    CPU_TIME = args.cpu_time
+    torch.set_num_threads(1 if args.cpu_time else args.threads)
     t0 = time.perf_counter()
+    clock = "CPU time (process_time)" if CPU_TIME else "wall clock"
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor()}; "
-        f"medians of {args.repeats} interleaved rounds"
+        f"{clock}, medians of {args.repeats} interleaved rounds"
     )
     rows: list[dict[str, Any]] = []
     qwen_benchmarks(args, rows)
@@ -315,7 +334,9 @@ def main() -> None:
     print(f"\n({time.perf_counter() - t0:.0f} s)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"threads": args.threads, "rows": rows}, f, indent=2)
+            json.dump(
+                {"threads": torch.get_num_threads(), "clock": clock, "rows": rows}, f, indent=2
+            )
 
 
 if __name__ == "__main__":

@@ -19,8 +19,9 @@ The call HF makes (``transformers.integrations.sdpa_attention`` has the same)::
     -> (out [B, Sq, H, Dv] contiguous, None)
 
 Grouped-query attention: key and value arrive with their Hkv heads and go to the op as
-they are (``enable_gqa``); attnkit never repeats them (HF's ``"sdpa"`` path copies them
-``H / Hkv`` times whenever a mask is present, e.g. with padding).
+they are (``enable_gqa``); attnkit never repeats them (HF's ``"sdpa"`` path on a CPU
+copies them ``H / Hkv`` times whenever a mask is present with more than one query, e.g.
+a padded prefill).
 
 Any attnkit backend can be registered under a name of your choice for prefill and
 training experiments: ``argmax`` (hard, straight-through, Gumbel, softmax with a
@@ -119,6 +120,9 @@ def _resolve_options(
     return spec, resolved, phi
 
 
+_KERNEL_GQA = _gqa_kwargs(kernel_attention)
+
+
 def _masked_linear(
     q: Tensor, k: Tensor, v: Tensor, mask: Tensor, phi: FeatureMap, opts: Mapping[str, Any]
 ) -> Tensor:
@@ -132,7 +136,7 @@ def _masked_linear(
         attn_mask=mask,
         eps=opts["eps"],
         normalize=opts["normalize"],
-        **_gqa_kwargs(kernel_attention),
+        **_KERNEL_GQA,
     )
 
 

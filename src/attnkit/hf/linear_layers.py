@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnkit.layers.delta import expand_key_heads
 from attnkit.ops.conv import ACTIVATIONS, causal_conv1d, causal_conv1d_update
 from attnkit.ops.delta import delta_rule_attention, delta_rule_step
 
@@ -131,7 +132,11 @@ def _core(
     """
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     gh, bh = g.transpose(1, 2), beta.transpose(1, 2)
-    if recurrent_state is not None and q.shape[1] == 1:
+    decoding = recurrent_state is not None and q.shape[1] == 1
+    if not decoding:  # one contiguous expansion beats the op's per-chunk gathers
+        Hv = v.shape[2]
+        qh, kh = expand_key_heads(qh, Hv), expand_key_heads(kh, Hv)
+    if decoding:
         o, state = delta_rule_step(
             qh, kh, vh, bh, gh, state=recurrent_state, use_qk_l2norm=True, enable_gqa=True
         )
