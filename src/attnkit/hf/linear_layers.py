@@ -32,8 +32,9 @@ runs, so a GPU model keeps fla's kernels.
 
 Layouts: HF holds q, k, v as [B, T, H, D] and gates as [B, T, H]; attnkit's ops take
 the SDPA layout [B, H, T, D]. The conversion is a transposed *view* at one boundary
-(:func:`_core`); the short convolution reads the projection's [B, T, C] rows through a
-[B, C, T] view without copying them.
+(:func:`_core`; a prefill also expands q and k to the value heads, one copy); the
+short convolution reads the projection's [B, T, C] rows through a [B, C, T] view
+without copying them.
 """
 
 from __future__ import annotations
@@ -128,30 +129,27 @@ def _core(
 
     This is the one layout boundary: [B, T, H, D] <-> attnkit's [B, H, T, D] by
     transposed views. Each q/k head serves Hv / Hk consecutive value heads, as in
-    Qwen3-Next (``enable_gqa=True``).
+    Qwen3-Next; a prefill expands q and k to the Hv heads once (one contiguous copy,
+    see :func:`attnkit.layers.delta.expand_key_heads`), a decoding step does not.
     """
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     gh, bh = g.transpose(1, 2), beta.transpose(1, 2)
-    decoding = recurrent_state is not None and q.shape[1] == 1
-    if not decoding:  # one contiguous expansion beats the op's per-chunk gathers
-        Hv = v.shape[2]
-        qh, kh = expand_key_heads(qh, Hv), expand_key_heads(kh, Hv)
-    if decoding:
-        o, state = delta_rule_step(
+    final: Tensor | None
+    if recurrent_state is not None and q.shape[1] == 1:
+        o, final = delta_rule_step(
             qh, kh, vh, bh, gh, state=recurrent_state, use_qk_l2norm=True, enable_gqa=True
         )
-        final: Tensor | None = state
     else:
+        Hv = v.shape[2]
         o, final = delta_rule_attention(
-            qh,
-            kh,
+            expand_key_heads(qh, Hv),
+            expand_key_heads(kh, Hv),
             vh,
             bh,
             gh,
             use_qk_l2norm=True,
             initial_state=recurrent_state,
             output_final_state=cache is not None,
-            enable_gqa=True,
         )
     if cache is not None and final is not None:
         cache.update_recurrent_state(final, module.layer_idx)
