@@ -49,6 +49,7 @@ SHAPES = [
     Shape(1, 8, 1, 1, 13, 24, 24),  # MQA, single decoding query
     Shape(2, 4, 4, 13, 13, 60, 24),  # MHA, L == S, Ev != E
     Shape(3, 2, 2, 7, 1, 24, 5),  # a single key
+    Shape(2, 6, 2, 1, 9, 24, 24),  # GQA 3:1 decoding step: head-shared masks fold into rows
 ]
 
 

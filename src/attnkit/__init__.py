@@ -8,6 +8,8 @@ Public layout everywhere (PyTorch's SDPA layout)::
 from attnkit import data, decoding, distributed, feature_maps
 from attnkit.layers import (
     Block,
+    DeltaState,
+    GatedDeltaNet,
     KVCache,
     LinearState,
     MultiHeadAttention,
@@ -34,6 +36,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Block",
+    "DeltaState",
+    "GatedDeltaNet",
     "KVCache",
     "LinearAttentionState",
     "LinearState",

@@ -1,13 +1,17 @@
 """nn.Modules built on attnkit.ops: multi-head attention, caches, blocks, a tiny LM."""
 
 from attnkit.layers.attention import BACKENDS, MultiHeadAttention, backends
-from attnkit.layers.cache import KVCache, LinearState
+from attnkit.layers.cache import DeltaState, KVCache, LinearState
+from attnkit.layers.delta import MIXERS, GatedDeltaNet, mixers
 from attnkit.layers.transformer import Block, BlockCache, LMCache, ShortConv, TinyLM, TinyLMConfig
 
 __all__ = [
     "BACKENDS",
+    "MIXERS",
     "Block",
     "BlockCache",
+    "DeltaState",
+    "GatedDeltaNet",
     "KVCache",
     "LMCache",
     "LinearState",
@@ -16,4 +20,5 @@ __all__ = [
     "TinyLM",
     "TinyLMConfig",
     "backends",
+    "mixers",
 ]

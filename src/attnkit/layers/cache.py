@@ -8,6 +8,9 @@
   (DESIGN.md, "Incremental decoding").
 - :class:`LinearState` (linear backend): the recurrent state (S [B, Hk, D', d_v],
   z [B, Hk, D']) of causal linear attention, whose size does not depend on n.
+- :class:`DeltaState` (Gated DeltaNet / DeltaNet layers): the short convolution's
+  last K - 1 inputs [B, C, K - 1] and the delta-rule state [B, Hv, d_k, d_v]; also
+  independent of n.
 
 Shape legend::
 
@@ -23,7 +26,7 @@ from torch import Tensor
 from attnkit._validation import check_float, check_int, check_rank, check_tensor
 from attnkit.ops.linear import LinearAttentionState
 
-__all__ = ["KVCache", "LinearState"]
+__all__ = ["DeltaState", "KVCache", "LinearState"]
 
 
 def _check_max_len(max_len: object) -> int | None:
@@ -360,4 +363,113 @@ class LinearState:
     def reset(self) -> None:
         """Forget every token: the state goes back to None."""
         self._state = None
+        self._len = 0
+
+
+class DeltaState:
+    """Decoding state of one delta-rule layer (:class:`attnkit.layers.GatedDeltaNet`).
+
+    Two tensors whose size does not depend on the number n of tokens seen (that is the
+    point: a delta-rule layer decodes like an RNN, Yang et al. 2024):
+
+    - ``conv`` [B, C, K - 1]: the short convolution's last K - 1 inputs (zeros at the
+      start, the same as causal zero padding), in the layer's dtype; None without a
+      convolution;
+    - ``state`` [B, Hv, d_k, d_v]: the delta-rule state S, fp32 (fp64 for fp64
+      layers) whatever the layer's dtype.
+
+    Both are allocated (zeros) at construction, so :attr:`nbytes` is the same before
+    the first token and after a million. ``max_len``, when given, is enforced as by the
+    other caches.
+    """
+
+    def __init__(
+        self,
+        batch: int,
+        n_heads: int,
+        d_k: int,
+        d_v: int,
+        conv_channels: int,
+        conv_kernel: int | None,
+        *,
+        max_len: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        self.batch = check_int("batch", batch, 1)
+        self.n_heads = check_int("n_heads", n_heads, 1)
+        self.n_kv_heads: int | None = None  # not a key/value cache (read by generic checks)
+        check_int("d_k", d_k, 1)
+        check_int("d_v", d_v, 1)
+        check_int("conv_channels", conv_channels, 1)
+        self.max_len = _check_max_len(max_len)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        dev = torch.device("cpu") if device is None else torch.device(device)
+        acc = torch.promote_types(dtype, torch.float32)
+        self.conv: Tensor | None = None
+        if conv_kernel is not None:
+            K = check_int("conv_kernel", conv_kernel, 1)
+            self.conv = torch.zeros(batch, conv_channels, K - 1, dtype=dtype, device=dev)
+        self.state = torch.zeros(batch, n_heads, d_k, d_v, dtype=acc, device=dev)
+        self._len = 0
+
+    @property
+    def seq_len(self) -> int:
+        """Number of tokens folded into the state."""
+        return self._len
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the conv window and the state: B (C (K - 1) itemsize + Hv d_k d_v 4)."""
+        conv = 0 if self.conv is None else self.conv.nbytes
+        return conv + self.state.nbytes
+
+    def __repr__(self) -> str:
+        conv = None if self.conv is None else list(self.conv.shape)
+        return (
+            f"DeltaState(batch={self.batch}, seq_len={self._len}, conv={conv}, "
+            f"state={list(self.state.shape)}, max_len={self.max_len})"
+        )
+
+    def check_append(self, length: int) -> None:
+        """Raise ValueError if ``length`` more tokens would exceed ``max_len``."""
+        requested = self._len + length
+        if self.max_len is not None and requested > self.max_len:
+            raise ValueError(
+                f"DeltaState is full: appending {length} token(s) to {self._len} seen would "
+                f"need length {requested}, but max_len={self.max_len}"
+            )
+
+    def check_batch(self, batch: int, name: str = "input") -> None:
+        """Raise ValueError unless ``batch`` equals the state's batch size."""
+        if batch != self.batch:
+            raise ValueError(
+                f"batch size mismatch: the cache was built for batch={self.batch}, "
+                f"{name} has batch={batch}"
+            )
+
+    def advance(self, conv: Tensor | None, state: Tensor, length: int) -> None:
+        """Replace the conv window and the state by those after ``length`` more tokens."""
+        length = check_int("length", length, 0)
+        self.check_append(length)
+        if tuple(state.shape) != tuple(self.state.shape):
+            raise ValueError(
+                f"state must have shape {list(self.state.shape)}, got {list(state.shape)}"
+            )
+        if (conv is None) != (self.conv is None) or (
+            conv is not None and self.conv is not None and conv.shape != self.conv.shape
+        ):
+            want = None if self.conv is None else list(self.conv.shape)
+            got = None if conv is None else list(conv.shape)
+            raise ValueError(f"conv must have shape {want}, got {got}")
+        self.conv = conv
+        self.state = state
+        self._len += length
+
+    def reset(self) -> None:
+        """Forget every token: zeros again (same shapes, dtype and device)."""
+        if self.conv is not None:
+            self.conv = torch.zeros_like(self.conv)
+        self.state = torch.zeros_like(self.state)
         self._len = 0

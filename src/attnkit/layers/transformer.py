@@ -37,7 +37,8 @@ from torch import Tensor, nn
 from attnkit._io import atomic_write
 from attnkit._validation import check_choice, check_float, check_int, check_rank, check_tensor
 from attnkit.layers.attention import BACKENDS, MultiHeadAttention
-from attnkit.layers.cache import KVCache, LinearState
+from attnkit.layers.cache import DeltaState, KVCache, LinearState
+from attnkit.layers.delta import MIXER_OPTIONS, MIXERS, GatedDeltaNet
 
 __all__ = [
     "NORMS",
@@ -72,13 +73,15 @@ def _check_dropout(dropout: object) -> float:
 class BlockCache:
     """Decoding cache of one :class:`Block`.
 
-    ``attn``: the attention layer's :class:`KVCache` (softmax / argmax / kernel) or
-    :class:`LinearState` (linear). ``conv``: the last K - 1 inputs of the short
-    convolution, [B, d, K - 1] (channels first, as Conv1d wants them), or None
-    without a convolution. Zeros at the start, which is the same as causal zero padding.
+    ``attn``: the attention layer's :class:`KVCache` (softmax / argmax / kernel),
+    :class:`LinearState` (linear) or :class:`DeltaState` (gated_deltanet / deltanet,
+    whose short convolution lives inside the layer). ``conv``: the last K - 1 inputs of
+    the block's short convolution, [B, d, K - 1] (channels first, as Conv1d wants
+    them), or None without one. Zeros at the start, which is the same as causal zero
+    padding.
     """
 
-    attn: KVCache | LinearState
+    attn: KVCache | LinearState | DeltaState
     conv: Tensor | None = None
 
     @property
@@ -176,11 +179,15 @@ class Block(nn.Module):
     residual stream itself; :class:`TinyLM` adds a final LayerNorm).
 
     A(x) = MultiHeadAttention(ShortConv(x)) when ``conv_kernel`` is set, else the
-    attention alone; it is causal. ``mlp=False`` drops the MLP sublayer (an
-    attention-only block). MLP(x) = Linear(d_ff -> d)(GELU(Linear(d -> d_ff)(x))),
-    d_ff = 4 d by default. ``dropout`` applies to the two sublayer outputs, the
-    MLP's hidden layer and, for backends that support it (softmax), the attention
-    weights.
+    attention alone; it is causal. ``backend="gated_deltanet"`` or ``"deltanet"``
+    makes A a :class:`~attnkit.layers.delta.GatedDeltaNet` instead (``n_heads`` value
+    heads, ``n_kv_heads`` q/k heads each serving n_heads / n_kv_heads of them, as in
+    Qwen3-Next); its short convolution (``conv_kernel``, on q, k, v) is its own and
+    ``backend_options`` takes ``chunk_size``, ``output_gate``, ``norm_eps``.
+    ``mlp=False`` drops the MLP sublayer (an attention-only block).
+    MLP(x) = Linear(d_ff -> d)(GELU(Linear(d -> d_ff)(x))), d_ff = 4 d by default.
+    ``dropout`` applies to the two sublayer outputs, the MLP's hidden layer and, for
+    backends that support it (softmax), the attention weights.
 
     Shapes: x [B, L, d] -> [B, L, d]. With ``cache`` (from :meth:`new_cache`) the L
     tokens are appended to it and attend to everything cached before them.
@@ -205,19 +212,29 @@ class Block(nn.Module):
         self.norm = check_choice("norm", norm, NORMS)
         dropout = _check_dropout(dropout)
         d_ff = 4 * d_model if d_ff is None else check_int("d_ff", d_ff, 1)
-        self.conv = None if conv_kernel is None else ShortConv(d_model, conv_kernel)
-        self.attn = MultiHeadAttention(
-            d_model,
-            n_heads,
-            n_kv_heads=n_kv_heads,
-            backend=backend,
-            feature_map=feature_map,
-            # attention-weight dropout where the backend has it (softmax); the
-            # sublayer-output dropout below applies to every backend
-            dropout=dropout if BACKENDS.get(backend).dropout else 0.0,
-            is_causal=True,
-            backend_options=backend_options,
-        )
+        self.conv: ShortConv | None = None
+        self.attn: MultiHeadAttention | GatedDeltaNet
+        if isinstance(backend, str) and backend in MIXERS:
+            self.attn = _delta_mixer(
+                backend, d_model, n_heads, n_kv_heads, feature_map, backend_options, conv_kernel
+            )
+        else:
+            if isinstance(backend, str) and backend not in BACKENDS:
+                known = ", ".join(map(repr, [*BACKENDS.names(), *MIXERS.names()]))
+                raise ValueError(f"unknown backend {backend!r}; known: {known}")
+            self.conv = None if conv_kernel is None else ShortConv(d_model, conv_kernel)
+            self.attn = MultiHeadAttention(
+                d_model,
+                n_heads,
+                n_kv_heads=n_kv_heads,
+                backend=backend,
+                feature_map=feature_map,
+                # attention-weight dropout where the backend has it (softmax); the
+                # sublayer-output dropout below applies to every backend
+                dropout=dropout if BACKENDS.get(backend).dropout else 0.0,
+                is_causal=True,
+                backend_options=backend_options,
+            )
         self.ln_attn = nn.LayerNorm(d_model)
         self.mlp: nn.Sequential | None = None
         self.ln_mlp: nn.LayerNorm | None = None
@@ -284,6 +301,34 @@ class Block(nn.Module):
         return x
 
 
+def _delta_mixer(
+    backend: str,
+    d_model: int,
+    n_heads: int,
+    n_kv_heads: int | None,
+    feature_map: Any,
+    backend_options: Mapping[str, Any] | None,
+    conv_kernel: int | None,
+) -> GatedDeltaNet:
+    """The GatedDeltaNet / DeltaNet a block uses for ``backend`` (options checked here)."""
+    if feature_map is not None:
+        raise ValueError(
+            f"feature_map={feature_map!r} is only used by the 'linear' backend, got "
+            f"backend={backend!r}"
+        )
+    given = dict(backend_options or {})
+    unknown = sorted(set(given) - set(MIXER_OPTIONS))
+    if unknown:
+        raise ValueError(
+            f"unknown backend_options {unknown} for backend {backend!r}; accepted: "
+            f"{', '.join(map(repr, MIXER_OPTIONS))}"
+        )
+    mixer: GatedDeltaNet = MIXERS.get(backend)(
+        d_model, n_heads, n_kv_heads, conv_kernel=conv_kernel, **given
+    )
+    return mixer
+
+
 # --------------------------------------------------------------------------------------
 # TinyLM
 # --------------------------------------------------------------------------------------
@@ -298,7 +343,9 @@ class TinyLMConfig:
     n_layers: int  # number of transformer blocks
     n_heads: int  # query heads per attention layer
     n_kv_heads: int | None = None  # key/value heads: None = n_heads (MHA), 1 = MQA, else GQA
-    backend: str = "softmax"  # attention backend: "softmax", "argmax", "linear" or "kernel"
+    backend: str = (
+        "softmax"  # "softmax", "argmax", "linear", "kernel", "gated_deltanet", "deltanet"
+    )
     feature_map: str | None = None  # registered feature map name for "linear" (None: default)
     max_len: int = 512  # longest sequence (prompt + generated); rows of the position table
     backend_options: dict[str, Any] | None = None  # e.g. {"mode": "straight_through"}
