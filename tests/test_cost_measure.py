@@ -12,11 +12,15 @@ import math
 from collections.abc import Callable
 
 import pytest
+import sympy
 import torch
 
 import attnkit
 import attnkit.cost as cost
+import attnkit.cost.einsum
 from attnkit.cost.measure import count_flops, t_quantile
+from attnkit.feature_maps import Polynomial
+from attnkit.ops.linear_chunked import TilePlan, causal_linear_attention
 
 # Awkward sizes: odd lengths, widths not powers of two, GQA ratios, L != S.
 SIZES: dict[str, list[dict[str, int]]] = {
@@ -34,6 +38,10 @@ SIZES: dict[str, list[dict[str, int]]] = {
         {"B": 2, "H": 6, "Hk": 2, "L": 15, "S": 15, "E": 3, "Ev": 5, "C": 5},
         {"B": 1, "H": 2, "Hk": 1, "L": 8, "S": 8, "E": 4, "Ev": 3, "C": 8},
     ],
+    "linear_fast": [
+        {"B": 2, "H": 6, "Hk": 2, "L": 15, "S": 15, "E": 3, "Ev": 5, "C": 5},
+        {"B": 3, "H": 4, "Hk": 4, "L": 16, "S": 16, "E": 2, "Ev": 7, "C": 8},
+    ],
     "linear_step": [{"B": 3, "H": 6, "Hk": 2, "E": 3, "Ev": 5}],
     "mha": [
         {"b": 3, "d": 12, "h": 4, "k": 3, "v": 5, "n": 7},
@@ -48,7 +56,8 @@ CASES = [
     for variant, size_list in SIZES.items()
     for phase in cost.get(variant).phases
     for activations in ("keep", "recompute")
-    if activations == "keep" or (variant == "softmax" and phase == "train")
+    if activations == cost.get(variant).default_activations
+    or (variant == "softmax" and phase == "train")
     for i, sizes in enumerate(size_list)
 ]
 
@@ -90,10 +99,89 @@ def test_fused_cpu_sdpa_is_counted_by_the_registered_formula() -> None:
     assert counter.get_total_flops() == 0
 
 
-def test_recomputing_causal_linear_attention_runs_but_is_not_pinned() -> None:
-    sizes = cost.resolve_sizes("linear_chunked", SIZES["linear_chunked"][0])
-    m = cost.measure("linear_chunked", sizes, "train", activations="recompute", timed=False)
-    assert not m.runner.pinned and m.flops > 0
+def _fast_path_flops(sizes: dict[str, int], plan: TilePlan | None, train: bool) -> int:
+    """FlopCounterMode's count of the fast causal path at these sizes under a tile plan."""
+    B, H, Hk, L, E, M, C = (sizes[x] for x in ("B", "H", "Hk", "L", "E", "Ev", "C"))
+    phi = Polynomial(degree=2, c=1.0)
+    Dp = phi.out_dim(E)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, H, L, E, generator=g, requires_grad=train)
+    k = torch.randn(B, Hk, L, E, generator=g, requires_grad=train)
+    v = torch.randn(B, Hk, L, M, generator=g, requires_grad=train)
+    S0, z0 = torch.zeros(B, Hk, Dp, M), torch.ones(B, Hk, Dp)
+
+    def call() -> None:
+        out, _, _ = causal_linear_attention(q, k, v, phi, S0, z0, C, True, 1e-6, plan=plan)
+        if train:
+            out.sum().backward()
+
+    return count_flops(call)
+
+
+# Tile plans that cut 6 key/value heads of 32 tokens every way: one tile, one chunk per
+# tile, several heads per tile (where a shifted bmm over the flattened batch straddles
+# heads), uneven head groups, and backward tiles unlike the forward's.
+PLANS = [
+    None,
+    TilePlan(fwd_tokens=4, fwd_heads=1, bwd_tokens=4, bwd_heads=1),
+    TilePlan(fwd_tokens=32, fwd_heads=6, bwd_tokens=32, bwd_heads=6),
+    TilePlan(fwd_tokens=8, fwd_heads=4, bwd_tokens=12, bwd_heads=5),
+    TilePlan(fwd_tokens=4, fwd_heads=3, bwd_tokens=16, bwd_heads=2),
+]
+
+
+@pytest.mark.parametrize("plan", PLANS, ids=lambda p: "auto" if p is None else str(p))
+@pytest.mark.parametrize("phase", ["forward", "train"])
+def test_fast_causal_path_is_pinned_at_every_tile_plan(plan: TilePlan | None, phase: str) -> None:
+    """One product per chunk, however the work is tiled (before, a tile of h heads ran
+    h - 1 extra products that straddled two heads and were overwritten)."""
+    sizes = {"B": 2, "H": 6, "Hk": 3, "L": 32, "S": 32, "E": 3, "Ev": 5, "C": 4}
+    values = cost.resolve_sizes("linear_fast", sizes)
+    model = cost.matmul_flops_at("linear_fast", values, phase)
+    assert _fast_path_flops(sizes, plan, train=phase == "train") == model
+    assert cost.measure("linear_fast", values, phase, timed=False).runner.pinned
+
+
+def test_fast_causal_path_counts_its_padded_last_chunk() -> None:
+    """L not divisible by C: every tile pads to whole chunks, so the count is the model's
+    at L rounded up to a multiple of C."""
+    sizes = {"B": 1, "H": 2, "Hk": 1, "L": 13, "S": 13, "E": 3, "Ev": 4, "C": 4}
+    padded = cost.resolve_sizes("linear_fast", {**sizes, "L": 16, "S": 16})
+    for phase in ("forward", "train"):
+        model = cost.matmul_flops_at("linear_fast", padded, phase)
+        assert _fast_path_flops(sizes, None, train=phase == "train") == model
+
+
+def test_in_place_baddbmm_is_counted() -> None:
+    """torch 2.13's FlopCounterMode counts 0 for baddbmm_; count_flops adds its formula."""
+    out, a, b = torch.zeros(3, 4, 6), torch.randn(3, 4, 5), torch.randn(3, 5, 6)
+    assert count_flops(lambda: out.baddbmm_(a, b)) == 2 * 3 * 4 * 5 * 6
+    assert count_flops(lambda: torch.baddbmm(out, a, b)) == 2 * 3 * 4 * 5 * 6
+
+
+def test_useful_flops_count_what_the_causal_mask_keeps() -> None:
+    """The declared triangle matches the entries the fast path's own mask keeps."""
+    from attnkit.ops import linear_chunked
+
+    G, C = 3, 4
+    kept = int(linear_chunked._tril_(torch.ones(1, G * C, C), G, C).sum())
+    sizes = {"B": 1, "H": G, "Hk": 1, "L": C, "S": C, "E": 2, "Ev": 5, "C": C}
+    values = cost.resolve_sizes("linear_fast", sizes)
+    scores = cost.evaluate(cost.einsum.useful_flops(linear_chunked.CHUNK_SCORES), values)
+    assert scores == 2 * kept * values["Dp"]
+    intra = cost.evaluate(cost.einsum.useful_flops(linear_chunked.CHUNK_INTRA), values)
+    assert intra == 2 * kept * values["Ev"]  # and only the Ev value columns, not the ones
+    states = cost.evaluate(cost.einsum.useful_flops(linear_chunked.CHUNK_STATES), values)
+    full = cost.evaluate(cost.einsum.contraction_flops(linear_chunked.CHUNK_STATES), values)
+    assert states * (values["Ev"] + 1) == full * values["Ev"]
+
+
+def test_useful_train_flops_leave_out_recomputation() -> None:
+    fwd = cost.flops("linear_fast", "forward", matmul_only=True, useful=True)
+    train = cost.flops("linear_fast", "train", matmul_only=True, useful=True)
+    assert sympy.expand(train - 3 * fwd) == 0
+    computed = cost.flops("linear_fast", "train", matmul_only=True)
+    assert sympy.expand(computed - train) != 0
 
 
 def test_runners_reject_sizes_the_model_cannot_count() -> None:

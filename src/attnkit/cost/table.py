@@ -32,6 +32,7 @@ ROWS: tuple[tuple[str, str, str], ...] = (
     ("kernel", "train", "keep"),
     ("linear_chunked", "train", "keep"),
     ("linear_chunked", "train", "recompute"),
+    ("linear_fast", "train", "recompute"),
     ("linear_step", "decode", "keep"),
 )
 
@@ -61,7 +62,7 @@ def complexity(
     variant: str,
     phase: str | None = None,
     *,
-    activations: str = "keep",
+    activations: str | None = None,
     assumptions: str | None = None,
 ) -> Row:
     """Big-O of time and memory of one variant (its own assumptions unless given).
@@ -71,6 +72,7 @@ def complexity(
     """
     v = model.get(variant)
     phase = v.check_phase(phase)
+    activations = v.default_activations if activations is None else activations
     a = v.assumptions if assumptions is None else assumptions
     if phase == "decode":
         mem = model.bytes_moved(v, phase, activations=activations)
