@@ -167,6 +167,11 @@ def _sequence(
     return build
 
 
+#: The quadratic map (q.k + 1)^2 can reach 0: the runners pass the denominator guard
+#: explicitly (the models' "guard and divide" step), whatever the ops' default is.
+_EPS = 1e-6
+
+
 def _quadratic() -> Polynomial:
     return Polynomial(degree=2, c=1.0)
 
@@ -180,7 +185,14 @@ def _linear_causal(implementation: str) -> Build:
 
         def fn(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             out, _ = linear_attention(
-                q, k, v, phi, is_causal=True, chunk_size=s["C"], implementation=implementation
+                q,
+                k,
+                v,
+                phi,
+                is_causal=True,
+                chunk_size=s["C"],
+                implementation=implementation,
+                eps=_EPS,
             )
             return out
 
@@ -190,7 +202,7 @@ def _linear_causal(implementation: str) -> Build:
 
 
 def _linear_noncausal(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    out, _ = linear_attention(q, k, v, feature_map=_quadratic(), is_causal=False)
+    out, _ = linear_attention(q, k, v, feature_map=_quadratic(), is_causal=False, eps=_EPS)
     return out
 
 
@@ -215,7 +227,7 @@ def _linear_step(s: Mapping[str, int], phase: str, dtype: torch.dtype) -> Callab
 
     def step() -> object:
         with torch.no_grad():
-            return linear_attention_step(q, k, v, state, feature_map=phi)
+            return linear_attention_step(q, k, v, state, feature_map=phi, eps=_EPS)
 
     return step
 
