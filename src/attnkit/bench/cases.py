@@ -36,6 +36,7 @@ from attnkit.bench.competitors import (
 )
 from attnkit.bench.core import BenchContext, register_case
 from attnkit.bench.results import CaseResult, MachinePeaks, Metric, Row, Section, Target
+from attnkit.lab.measure import saved_tensor_bytes
 from attnkit.layers.cache import KVCache
 from attnkit.ops import linear as linear_ops
 
@@ -75,28 +76,6 @@ def _elu1(x: Tensor) -> Tensor:
 
 def _max_abs_diff(a: Tensor, b: Tensor) -> float:
     return float((a.detach().float() - b.detach().float()).abs().max())
-
-
-def saved_tensor_bytes(fn: Callable[[], object]) -> int:
-    """Bytes of the distinct storages autograd saves for backward while ``fn`` runs.
-
-    torch's CPU allocator is invisible to tracemalloc, so "peak training memory"
-    is measured as what the forward pass keeps alive for the backward pass:
-    every tensor saved through ``torch.autograd.graph.saved_tensors_hooks`` (which
-    sees custom Functions' ``save_for_backward`` too), counted once per storage.
-    The inputs q, k, v count when a competitor saves them.
-    """
-    storages: dict[tuple[str, int], int] = {}
-
-    def pack(t: Tensor) -> Tensor:
-        s = t.untyped_storage()
-        storages[(str(t.device), s.data_ptr())] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    del out
-    return sum(storages.values())
 
 
 def linear_fit(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float, float]:
