@@ -1,4 +1,4 @@
-"""attnkit.cost, symbolic side: one source of truth, the design doc's table, Big-O, shapes."""
+"""attnkit.cost, symbolic side: one source of truth, the complexity table, Big-O, shapes."""
 
 from __future__ import annotations
 
@@ -256,7 +256,7 @@ def test_bad_arguments_are_named() -> None:
         cost.evaluate(cost.flops("mha", "decode"), {"b": 1})
 
 
-# ---- the design doc's table, derived ---------------------------------------------------------
+# ---- the complexity table, derived ---------------------------------------------------------
 
 
 @pytest.mark.parametrize("variant", ["mha", "gqa", "mqa"])

@@ -4,7 +4,7 @@
 
     attnkit cost mqa --at b=8,d=1024,h=16,k=64,v=64,n=4096
     attnkit cost softmax --phase train --at L=256,S=256 --check
-    attnkit cost --table            # the design doc's complexity table, from the model
+    attnkit cost --table            # the complexity table of the README, from the model
     attnkit cost --table --markdown
 
 Wiring: ``attnkit.cost.cli.register(app)`` adds the command ``cost`` to a Typer app
@@ -252,7 +252,7 @@ def cost(
         str | None, typer.Option(help="Big-O assumptions, e.g. 'b, n, d >> h; n >= 0'.")
     ] = None,
     table: Annotated[
-        bool, typer.Option("--table", help="Print the design doc's complexity table, derived.")
+        bool, typer.Option("--table", help="Print the complexity table (the README's), derived.")
     ] = False,
     markdown: Annotated[bool, typer.Option("--markdown", help="With --table: Markdown.")] = False,
 ) -> None:

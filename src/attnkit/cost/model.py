@@ -155,7 +155,7 @@ class Variant:
         grad_inputs: inputs that require grad in the train phase.
         phases: the phases it supports; the first is the default.
         recomputable: tensors not held under ``activations="recompute"``.
-        assumptions: the Big-O assumptions of its row in the design doc's table.
+        assumptions: the Big-O assumptions of its row in the complexity table.
         defaults: sizes used when the caller gives none (CLI ``--at``).
         derived: sizes computed from others, e.g. ``{"Dp": "binomial(E + 2, 2)"}``.
         default_activations: what the implementation does ("keep", or "recompute" for

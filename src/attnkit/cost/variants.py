@@ -31,15 +31,15 @@ from attnkit.ops import kernel, linear, linear_chunked, softmax
 
 __all__ = ["DECODE_ASSUMPTIONS", "LINEAR_ASSUMPTIONS", "SEQUENCE_ASSUMPTIONS", "STEP_ASSUMPTIONS"]
 
-#: Big-O assumptions of the design doc's table, per head and sequence: the doc writes
+#: Big-O assumptions of the complexity table, per head and sequence: the table writes
 #: N, D, M for L = S, E, Ev and drops B and H.
 SEQUENCE_ASSUMPTIONS = "N, D, M >> 1; B = H = Hk = 1; L = S = N; E = D; Ev = M"
 #: Linear attention: the quadratic feature map (D' = C(D+2, 2)), value width at most the
-#: key width and the sequence length (the doc's "M ~ D").
+#: key width and the sequence length (the textbook's "M ~ D").
 LINEAR_ASSUMPTIONS = SEQUENCE_ASSUMPTIONS + "; Dp = binomial(D + 2, 2); M <= D; M <= N; C <= N"
 #: One recurrent step: no sequence length at all.
 STEP_ASSUMPTIONS = "D, M >> 1; B = H = Hk = 1; E = D; Ev = M; Dp = binomial(D + 2, 2); M <= D"
-#: Decoding: "n, d >> h" of the doc, head widths d/h; the cache may be empty (n >= 0).
+#: Decoding: "n, d >> h" of the textbook, head widths d/h; the cache may be empty (n >= 0).
 DECODE_ASSUMPTIONS = "b, n, d >> h, g; g <= h; n >= 0; k = d/h; v = d/h"
 
 _SEQUENCE_DEFAULTS = {"B": 1, "H": 4, "Hk": 4, "L": 1024, "S": 1024, "E": 64, "Ev": 64}

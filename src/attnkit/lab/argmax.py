@@ -158,7 +158,7 @@ def _gradients(result: ExperimentResult) -> dict[str, Any]:
         out = argmax_attention(q_moved, k0, v0)[0, 0, 0]
         jump[label] = int(min(range(S), key=lambda j: float((v0[0, 0, j] - out).abs().max())))
 
-    # The design doc's worked example.
+    # The worked example of attnkit.ops.argmax's docstring.
     keys = torch.tensor([[1.0, 2, 0], [0, 3, 4], [5, 0, 0], [0, 0, 1]])
     values = torch.tensor([[2.0, 0, 1], [1, 4, 3], [0, -1, 4], [1, 0, -1]])
     query = torch.tensor([[1.0, 1, 2]])

@@ -1,7 +1,7 @@
 """The lab's vocabulary: profiles, claims, figures, results and the experiment registry.
 
 An *experiment* is a function ``run(ctx) -> ExperimentResult`` registered under a
-name. It measures something the design doc states, and returns
+name. It measures something the theory of attention states, and returns
 
 - ``numbers``: every measured value, JSON-ready (they go to ``results.json``);
 - ``claims``: each a statement of the theory, the value theory predicts, the value

@@ -1,6 +1,6 @@
 r"""Experiment ``decode``: one decoding step of MHA, GQA and MQA against the cache length.
 
-The design doc's decoding steps (:mod:`attnkit.decoding`, one new token per sequence,
+The einsum decoding steps of :mod:`attnkit.decoding` (one new token per sequence,
 batch b, width d, h heads of width d/h, n cached tokens) all compute
 O(b d^2 + b n d), but move different amounts of memory::
 
