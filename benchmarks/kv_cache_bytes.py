@@ -1,7 +1,10 @@
-"""KV-cache bytes of MHA vs GQA vs MQA, measured through KVCache.nbytes.
+"""KV-cache bytes of MHA vs GQA vs MQA at a given size, as KVCache.nbytes computes them.
 
 Run: python benchmarks/kv_cache_bytes.py [--b 8 --d 1024 --h 16 --n 8192]
-Uses the meta device, so nothing of that size is allocated.
+Uses the meta device, so nothing of that size is allocated: the numbers are the
+formula B Hk n (d_k + d_v) w that KVCache.nbytes evaluates, not a measurement. The
+lab's ``decode`` experiment measures the storage a cache actually holds
+(``attnkit.lab.measure.held_bytes``) and checks it against this formula.
 """
 
 from __future__ import annotations

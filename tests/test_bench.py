@@ -28,6 +28,7 @@ from attnkit.bench.cli import app, register
 from attnkit.bench.competitors import FAST_TRANSFORMERS_BUILD_NOTE, Missing, import_optional
 from attnkit.bench.core import time_interleaved
 from attnkit.bench.results import Row, Section, Target
+from attnkit.cost import count_flops
 
 runner = CliRunner()
 
@@ -55,14 +56,16 @@ def _hide_competitors(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_flop_helpers_small_config() -> None:
-    # 4 N D' (M+1) + 2 N C (D' + M + 1), N=128, D'=M=64, C=64, per head
-    per_head = 4 * 128 * 64 * 65 + 2 * 128 * 64 * (64 + 65)
-    assert per_head == 4_243_456
-    assert fl.causal_linear_flops(128, 64, 64, 64) == per_head
-    assert fl.causal_linear_flops(128, 64, 64, 64, heads=8) == 8 * per_head
-    assert fl.causal_linear_train_flops(128, 64, 64, 64, heads=8) == 3 * 8 * per_head
+    # Useful: 4 N D' M + N (C + 1) (D' + M), N=128, D'=M=64, C=64, per head
+    useful = 4 * 128 * 64 * 64 + 128 * 65 * (64 + 64)
+    assert fl.causal_linear_flops(128, 64, 64, 64) == useful == 3_162_112
+    assert fl.causal_linear_flops(128, 64, 64, 64, heads=8) == 8 * useful
+    assert fl.causal_linear_train_flops(128, 64, 64, 64, heads=8) == 3 * 8 * useful
+    # Computed: 4 N D' (M+1) + 2 N C (D' + M + 1): ones column, whole [C, C] blocks
+    computed = 4 * 128 * 64 * 65 + 2 * 128 * 64 * (64 + 65)
+    assert fl.causal_linear_computed_flops(128, 64, 64, 64) == computed == 4_243_456
     # Taylor D=16: D' = 153
-    assert fl.causal_linear_flops(64, 153, 64, 64) == 4 * 64 * 153 * 65 + 2 * 64 * 64 * 218
+    assert fl.causal_linear_flops(64, 153, 64, 64) == 4 * 64 * 153 * 64 + 64 * 65 * 217
     assert fl.matmul_flops(2, 3, 4) == 48
     assert fl.copy_bytes(10, 4) == 80
     # causal softmax, N=4: query i sees i+1 keys -> 10 pairs x 2 x (E + Ev)
@@ -70,6 +73,39 @@ def test_flop_helpers_small_config() -> None:
     assert fl.sdpa_flops(4, 2, 3, causal=False) == 2 * 16 * 5
     assert fl.sdpa_flops(4, 2, 3, causal=True, heads=3) == 300
     assert fl.favor_feature_flops(10, 4, 8) == 2 * (2 * 10 * 8 * 4)
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["forward", "train"])
+def test_computed_flops_are_what_the_fast_path_runs(train: bool) -> None:
+    """The 'computed' column is FlopCounterMode's count of the real elu fast path."""
+    B, H, N, D, C = 1, 2, 96, 8, 32
+    q, k, v = (torch.randn(B, H, N, D, requires_grad=train) for _ in range(3))
+
+    def call() -> None:
+        o, _ = attnkit.linear_attention(q, k, v, "elu", is_causal=True, chunk_size=C)
+        if train:
+            o.sum().backward()
+
+    counted = count_flops(call)
+    assert fl.causal_linear_computed_flops(N, D, D, C, heads=B * H, train=train) == counted
+    useful = (fl.causal_linear_train_flops if train else fl.causal_linear_flops)(
+        N, D, D, C, heads=B * H
+    )
+    assert useful < counted  # masked halves, ones column (and recomputation) left out
+
+
+def test_rows_show_useful_and_computed_fractions() -> None:
+    from attnkit.bench.render import section_table
+    from attnkit.bench.results import MachinePeaks
+
+    sec = Section("s")
+    sec.add(Row("fast", {}, timing=Timing(1.0, 1.0, 1.0, 1), flops=3e9, computed_flops=4e9))
+    sec.add(Row("other", {}, timing=Timing(2.0, 2.0, 2.0, 1), flops=3e9))
+    headers, cells = section_table(sec, MachinePeaks(1e10, 1e10))
+    assert "% matmul peak (useful)" in headers and "% peak (computed)" in headers
+    i, j = headers.index("% matmul peak (useful)"), headers.index("% peak (computed)")
+    assert (cells[0][i], cells[0][j]) == ("30.0%", "40.0%")
+    assert (cells[1][i], cells[1][j]) == ("15.0%", "")  # computed unknown for a competitor
 
 
 def test_byte_helpers_match_the_library() -> None:

@@ -1,4 +1,4 @@
-"""attnkit.cost, symbolic side: one source of truth, the design doc's table, Big-O, shapes."""
+"""attnkit.cost, symbolic side: one source of truth, the complexity table, Big-O, shapes."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import attnkit.cost as cost
 from attnkit import decoding
 from attnkit._contract import Contraction, contract
 from attnkit.cost.bigo import Assumptions, monomials
-from attnkit.cost.einsum import contraction_flops, shapes
+from attnkit.cost.einsum import contraction_flops, shapes, useful_flops
 from attnkit.cost.symbols import SYMBOLS, parse
 from attnkit.ops import argmax, kernel, linear, softmax
 
@@ -100,6 +100,36 @@ def test_variants_hold_the_op_modules_own_records() -> None:
     assert [c.equation for c in cost.get("gqa").contractions()] == list(
         decoding.GQA_EINSUMS.values()
     )
+
+
+def test_fast_causal_path_declares_its_products() -> None:
+    from attnkit.ops import linear_chunked
+
+    assert cost.get("linear_fast").contractions() == linear_chunked.CONTRACTIONS
+    assert cost.get("linear_fast").contractions()[0] is linear_chunked.CHUNK_STATES
+    assert cost.get("linear_fast").default_activations == "recompute"
+
+
+def test_useful_flops_leave_out_the_masked_half_and_the_ones_column() -> None:
+    from attnkit.ops import linear_chunked
+
+    G = H / Hk
+    chunks = B * Hk * L / C
+    full = cost.flops("linear_fast", "forward", matmul_only=True)
+    useful = cost.flops("linear_fast", "forward", matmul_only=True, useful=True)
+    # Masked halves: the scores' and the intra product's C (C - 1) / 2 upper entries per
+    # chunk and query head (times D' and Ev); the ones column: the whole extra value
+    # column of the chunk states (C D'), the inter term (G C D') and the intra term (G C C).
+    masked = chunks * G * C * (C - 1) / 2 * 2 * (Dp + Ev)
+    ones = 2 * chunks * (C * Dp + G * C * Dp + G * C * C)
+    assert same(full - useful, masked + ones)
+    # A contraction that declares neither computes only useful work.
+    assert same(useful_flops(softmax.SCORES), contraction_flops(softmax.SCORES))
+    with pytest.raises(ValueError, match="useful/triangle name indices"):
+        Contraction(
+            "x", "ab,bc->ac", ("p", "q"), "r", {"a": "C", "b": "C", "c": "C"}, triangle=("a", "z")
+        )
+    assert linear_chunked.CHUNK_SCORES.triangle == ("r", "c")
 
 
 def test_model_follows_a_changed_contraction() -> None:
@@ -226,7 +256,7 @@ def test_bad_arguments_are_named() -> None:
         cost.evaluate(cost.flops("mha", "decode"), {"b": 1})
 
 
-# ---- the design doc's table, derived ---------------------------------------------------------
+# ---- the complexity table, derived ---------------------------------------------------------
 
 
 @pytest.mark.parametrize("variant", ["mha", "gqa", "mqa"])

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+
+import pytest
 import typer
 from typer.testing import CliRunner
 
@@ -65,21 +68,43 @@ def test_check_counts_flops_and_times_the_real_code() -> None:
     assert "fused" in result.output and "✓ equal" in result.output
 
 
-def test_check_of_an_unpinned_implementation_shows_the_ratio() -> None:
+def test_check_pins_the_fast_causal_path() -> None:
     result = runner.invoke(
         app,
-        ["linear_chunked", "--phase", "train", "--activations", "recompute", "--check",
-         "--at", "B=1,H=2,Hk=1,L=16,S=16,E=3,Ev=4,C=8"],
+        ["linear_fast", "--phase", "train", "--check",
+         "--at", "B=1,H=4,Hk=2,L=16,S=16,E=3,Ev=4,C=4"],
         env=WIDE,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert "not pinned" in result.output
+    assert "activations recompute" in result.output  # what the fast path does
+    assert "✓ equal" in result.output and "not pinned" not in result.output
+
+
+def test_check_of_an_unpinned_implementation_shows_the_ratio(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    measure = importlib.import_module("attnkit.cost.measure")  # the package shadows it
+
+    real = measure._RUNNERS[("mqa", "keep")]
+    loose = measure.Runner(real.description, False, real.build)
+    monkeypatch.setitem(measure._RUNNERS, ("mqa", "keep"), loose)
+    result = runner.invoke(app, ["mqa", "--at", "b=2,d=24,h=4,k=6,v=5,n=9", "--check"], env=WIDE)
+    assert result.exit_code == 0, result.output
+    assert "not pinned (1.00x)" in result.output
+
+
+def test_output_says_what_is_derived_and_what_is_typed() -> None:
+    result = runner.invoke(app, ["softmax", "--at", "L=8,S=8"], env=WIDE)
+    assert result.exit_code == 0, result.output
+    assert "derived from bkgle,bkse->bkgls" in result.output  # the scores contraction
+    assert "typed: 5 FLOP per element of scaled" in result.output  # softmax's constant
+    assert "derived matmuls + typed elementwise" in result.output
 
 
 def test_no_variant_lists_them() -> None:
     result = runner.invoke(app, [], env=WIDE)
     assert result.exit_code == 0, result.output
-    for name in ("softmax", "linear_chunked", "linear_step", "mha", "mqa", "gqa"):
+    for name in ("softmax", "linear_chunked", "linear_fast", "linear_step", "mha", "mqa", "gqa"):
         assert name in result.output
 
 

@@ -156,31 +156,49 @@ def equivalence_worker(rank: int, world: int) -> list[str]:
         normalize=False, H=3, Hk=1, E=4, Ev=6,
     )  # fmt: skip
 
-    # Communication volume per rank: one state per direction; all_gather receives P - 1.
+    # Communication volume per rank, for every scan, with and without the final state,
+    # in both directions: one state per direction and hop; all_gather receives P - 1.
+    # Every entry is checked (a missing one is a failure, not a skip).
     B, H, E, Ev, L = 1, 2, 4, 3, 5
     n = state_nbytes(B, H, E, Ev)  # elu: D' = E
     first, last = rank == 0, rank == world - 1
-    want = {
-        ("all_gather", False, "forward"): (n, (world - 1) * n, {"all_gather": 1}),
-        ("all_gather", False, "backward"): (n, (world - 1) * n, {"all_gather": 1}),
-        ("ring", False, "forward"): (
-            0 if last else n,
-            0 if first else n,
-            {**({} if first else {"recv": 1}), **({} if last else {"send": 1})},
+    gathered = (n, (world - 1) * n, {"all_gather": 1})
+    ring_fwd = (
+        0 if last else n,
+        0 if first else n,
+        {**({} if first else {"recv": 1}), **({} if last else {"send": 1})},
+    )
+    ring_bwd = (
+        0 if first else n,
+        0 if last else n,
+        {**({} if last else {"recv": 1}), **({} if first else {"send": 1})},
+    )
+    want: dict[tuple[str, bool, str], tuple[int, int, dict[str, int]]] = {
+        ("all_gather", False, "forward"): gathered,
+        ("all_gather", False, "backward"): gathered,
+        ("all_gather", True, "forward"): gathered,
+        # the backward gathers the prefix gradient and the total's gradient together
+        ("all_gather", True, "backward"): (2 * n, 2 * (world - 1) * n, {"all_gather": 1}),
+        ("ring", False, "forward"): ring_fwd,
+        ("ring", False, "backward"): ring_bwd,
+        # the total: broadcast from the last rank forward, all_reduce of its gradient back
+        ("ring", True, "forward"): (
+            ring_fwd[0] + (n if last else 0),
+            ring_fwd[1] + (0 if last else n),
+            {**ring_fwd[2], "broadcast": 1},
         ),
-        ("ring", False, "backward"): (
-            0 if first else n,
-            0 if last else n,
-            {**({} if last else {"recv": 1}), **({} if first else {"send": 1})},
+        ("ring", True, "backward"): (
+            ring_bwd[0] + n,
+            ring_bwd[1] + (world - 1) * n,
+            {**ring_bwd[2], "all_reduce": 1},
         ),
-        # scan="auto": the ring on gloo, all_gather when the final state is wanted
-        ("auto", False, "forward"): None,
-        ("auto", True, "forward"): (n, (world - 1) * n, {"all_gather": 1}),
     }
-    want[("auto", False, "forward")] = want[("ring", False, "forward")]
-    for scan, final, direction in want:
-        if direction == "backward":
-            continue
+    # scan="auto" on gloo: the ring, or all_gather when the final state is wanted.
+    for final, chosen in ((False, "ring"), (True, "all_gather")):
+        for direction in ("forward", "backward"):
+            want[("auto", final, direction)] = want[(chosen, final, direction)]
+    assert len(want) == len(["all_gather", "ring", "auto"]) * 2 * 2
+    for scan, final in sorted({(sc, fi) for sc, fi, _ in want}):
         q = torch.randn(B, H, L, E, requires_grad=True)
         k = torch.randn(B, H, L, E, requires_grad=True)
         v = torch.randn(B, H, L, Ev, requires_grad=True)
@@ -191,10 +209,12 @@ def equivalence_worker(rank: int, world: int) -> list[str]:
         with comm_stats() as bwd:
             o.sum().backward()
         for label, stats in (("forward", fwd), ("backward", bwd)):
-            expected = want.get((scan, final, label))
+            expected = want[(scan, final, label)]
             got = (stats.bytes_sent, stats.bytes_received, stats.calls)
-            if expected is not None and got != expected:
-                failures.append(f"comm_stats {scan} {label}: got {got}, want {expected}")
+            if got != expected:
+                failures.append(
+                    f"comm_stats {scan} final={final} {label}: got {got}, want {expected}"
+                )
     try:
         sequence_parallel_linear_attention(q, k, v, scan="tree")
         failures.append("unknown scan did not raise")

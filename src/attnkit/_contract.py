@@ -21,6 +21,12 @@ Size vocabulary. ``Contraction.sizes`` maps every index letter of the equation (
 
 The same letter may mean different sizes in different contractions (``h`` is H in a
 decoding step but Hk in linear attention); ``sizes`` says which, per contraction.
+
+Useful work. A contraction may compute more than the algorithm needs: the upper
+triangle of a causal chunk's scores, which a mask then zeroes, or a column of ones
+appended to the values so that the denominator rides along in the same matmul.
+``triangle`` and ``useful`` declare that, so the cost model can count *useful* FLOPs
+beside the FLOPs actually computed (what a fraction of peak should be made of).
 """
 
 from __future__ import annotations
@@ -65,6 +71,13 @@ class Contraction:
         output: name of the result tensor.
         sizes: index letter (or ``"..."``) -> size expression over the module docstring's
             symbols, e.g. ``{"g": "H/Hk", "n": "n + 1"}``.
+        useful: index letter -> the part of its size that does useful work, when less
+            than ``sizes`` says, e.g. ``{"m": "Ev"}`` for values augmented to Ev + 1
+            columns (the extra column computes a denominator, not an output).
+        triangle: ``(row, col)``: only the entries with col <= row are useful (a causal
+            mask), within each block of rows as long as ``col``; rows may stack several
+            such blocks (G query heads per chunk). Useful pairs: size(row) (size(col)
+            + 1) / 2 instead of size(row) size(col).
 
     >>> sizes = {"b": "b", "d": "d", "h": "h", "k": "k"}
     >>> spec = Contraction("q", "bd,hdk->bhk", ("x", "W_q"), "q", sizes)
@@ -77,6 +90,8 @@ class Contraction:
     operands: tuple[str, ...]
     output: str
     sizes: Mapping[str, str] = field(compare=False)
+    useful: Mapping[str, str] = field(default_factory=dict, compare=False)
+    triangle: tuple[str, str] | None = None
 
     def __post_init__(self) -> None:
         inputs, out = _terms(self.equation)
@@ -94,6 +109,12 @@ class Contraction:
             raise ValueError(
                 f"contraction {self.name!r}: sizes must name exactly the indices of "
                 f"{self.equation!r}; missing {missing}, unused {extra}"
+            )
+        unknown = sorted((set(self.useful) | set(self.triangle or ())) - used)
+        if unknown:
+            raise ValueError(
+                f"contraction {self.name!r}: useful/triangle name indices {unknown} that "
+                f"{self.equation!r} does not have"
             )
 
     @property

@@ -1,30 +1,38 @@
 """FLOP and byte counts that turn the benchmark's times into fractions of peak.
 
-One small function per case, derived by hand from the algorithm each case times.
-They stand in for the symbolic cost model (``attnkit.cost``, being written
-separately); once it lands, each function here should become a thin call into it
-(the counts below are what it must reproduce; ``tests/test_bench.py`` pins them).
+Causal linear attention is counted by the cost model (:mod:`attnkit.cost`, variant
+``linear_fast``: the fast path's own declared products, pinned to FlopCounterMode's
+count of the real code), in two ways:
+
+- *useful* FLOPs (:func:`causal_linear_flops`): the products the algorithm needs:
+  the numerator's Ev value columns, and of each intra-chunk [C, C] product only the
+  causal triangle (diagonal included). Fractions of peak and targets use these;
+- *computed* FLOPs (:func:`causal_linear_computed_flops`): what the fast path
+  executes, which adds the masked upper halves and the ones column that carries the
+  denominator (and, in training, the recomputed chunk states and scores). Shown
+  beside the useful ones, never instead of them.
 
 Conventions:
 
-- a multiply-add is 2 FLOPs; a [m, k] x [k, n] matmul is 2 m n k;
-- counts are *algorithmic* FLOPs of the chunked algorithm, per head, times B H:
-  the masked-out upper half of the intra-chunk [C, C] blocks is counted (it is
-  executed), elementwise work (feature maps such as elu + 1, the division by the
-  denominator) is not;
-- one count per case is used for every competitor in it, so a row's fraction of
-  peak is its speed in the same work units (rows are comparable, whatever each
+- a multiply-add is 2 FLOPs; a [m, k] x [k, n] matmul is 2 m n k; elementwise work
+  (feature maps such as elu + 1, the division by the denominator) is not counted;
+- one useful count per case is used for every competitor in it, so a row's fraction
+  of peak is its speed in the same work units (rows are comparable, whatever each
   implementation actually executes);
-- training (forward + backward) is 3x the forward count, the usual "model FLOPs"
-  convention (backward ~ 2x forward); recomputation in the backward pass is not
-  counted, so a recomputing kernel is not rewarded for redoing work;
+- training (forward + backward) does 3x the forward's useful work (the backward of
+  each product is two products of its size); recomputation is not useful work;
 - bytes of a copy count the read and the write (2 x the tensor's bytes).
 """
 
 from __future__ import annotations
 
+import functools
+
+import sympy
+
 __all__ = [
     "TRAIN_FLOPS_FACTOR",
+    "causal_linear_computed_flops",
     "causal_linear_flops",
     "causal_linear_train_flops",
     "copy_bytes",
@@ -35,7 +43,7 @@ __all__ = [
     "sdpa_flops",
 ]
 
-#: Forward + backward = 3 x forward ("model FLOPs"; recomputation is not counted).
+#: Useful forward + backward = 3 x forward (recomputation is not useful work).
 TRAIN_FLOPS_FACTOR = 3
 
 
@@ -49,22 +57,52 @@ def copy_bytes(numel: int, itemsize: int) -> int:
     return 2 * numel * itemsize
 
 
-def causal_linear_flops(n: int, d_feat: int, m: int, chunk: int, heads: int = 1) -> int:
-    """Causal chunked linear attention forward, normalised: 4 N D' (M+1) + 2 N C (D' + M + 1).
+@functools.cache
+def _linear_fast(phase: str, useful: bool) -> sympy.Expr:
+    from attnkit import cost
 
-    Per head and per chunk of C tokens, with the values augmented by a ones column
-    (M' = M + 1, which yields the denominator in the same matmuls):
-    chunk state phi(K)^T V' (2 C D' M'), inter-chunk phi(Q) S (2 C D' M'),
-    intra-chunk phi(Q) phi(K)^T (2 C C D') and its product with V' (2 C C M').
-    Summed over N / C chunks: 4 N D' M' + 2 N C (D' + M'). ``heads`` multiplies
-    (pass B * H).
+    return cost.flops("linear_fast", phase, matmul_only=True, useful=useful)
+
+
+def _linear_sizes(n: int, d_feat: int, m: int, chunk: int, heads: int) -> dict[str, int]:
+    # The fast path pads the last chunk: it computes ceil(N / C) whole chunks.
+    padded = -(-n // chunk) * chunk
+    return {
+        "B": 1, "H": heads, "Hk": heads, "L": padded, "S": padded, "E": d_feat,
+        "Ev": m, "Dp": d_feat, "C": chunk,
+    }  # fmt: skip
+
+
+def causal_linear_flops(n: int, d_feat: int, m: int, chunk: int, heads: int = 1) -> int:
+    """Useful FLOPs of causal linear attention, forward: 4 N D' M + N (C + 1) (D' + M).
+
+    Per head: the chunk states phi(K)^T V and the inter-chunk phi(Q) S (2 N D' M each),
+    and the causal triangle of the intra-chunk phi(Q) phi(K)^T and its product with V
+    (N (C + 1) D' and N (C + 1) M): the cost model's useful count of ``linear_fast``
+    (N a multiple of C). ``heads`` multiplies (pass B * H).
     """
-    mp = m + 1
-    return heads * (4 * n * d_feat * mp + 2 * n * chunk * (d_feat + mp))
+    from attnkit import cost
+
+    return cost.evaluate(_linear_fast("forward", True), _linear_sizes(n, d_feat, m, chunk, heads))
+
+
+def causal_linear_computed_flops(
+    n: int, d_feat: int, m: int, chunk: int, heads: int = 1, *, train: bool = False
+) -> int:
+    """FLOPs attnkit's fast causal path executes (FlopCounterMode's count of it).
+
+    Forward: 4 N D' (M+1) + 2 N C (D' + M + 1) per head: values augmented to M + 1
+    columns and whole [C, C] intra-chunk products. ``train``: forward + backward,
+    with the chunk states and scores recomputed in the backward pass.
+    """
+    from attnkit import cost
+
+    phase = "train" if train else "forward"
+    return cost.evaluate(_linear_fast(phase, False), _linear_sizes(n, d_feat, m, chunk, heads))
 
 
 def causal_linear_train_flops(n: int, d_feat: int, m: int, chunk: int, heads: int = 1) -> int:
-    """Forward + backward of :func:`causal_linear_flops`: 3 x the forward count."""
+    """Useful FLOPs of forward + backward: 3 x :func:`causal_linear_flops`."""
     return TRAIN_FLOPS_FACTOR * causal_linear_flops(n, d_feat, m, chunk, heads)
 
 

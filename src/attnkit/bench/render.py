@@ -64,6 +64,7 @@ def section_table(sec: Section, peaks: MachinePeaks | None) -> tuple[list[str], 
     timed = any(r.timing is not None for r in rows)
     has_ratio = sec.baseline is not None and any(r.speedup is not None for r in rows)
     has_flops = any(r.flops is not None and r.timing is not None for r in rows)
+    has_computed = any(r.computed_flops is not None and r.timing is not None for r in rows)
     has_bytes = any(r.nbytes is not None and r.timing is not None for r in rows)
 
     headers = ["variant", *params]
@@ -72,7 +73,9 @@ def section_table(sec: Section, peaks: MachinePeaks | None) -> tuple[list[str], 
     if has_ratio:
         headers.append("time / baseline" if sec.ratio == "time" else "speed-up")
     if has_flops:
-        headers += ["GFLOP/s", "% matmul peak"]
+        headers += ["useful GFLOP/s", "% matmul peak (useful)"]
+    if has_computed:
+        headers.append("% peak (computed)")
     if has_bytes:
         headers += ["GB/s", "% copy BW"]
     headers += [METRIC_COLUMNS[k][0] if k in METRIC_COLUMNS else k for k in metrics]
@@ -98,6 +101,8 @@ def section_table(sec: Section, peaks: MachinePeaks | None) -> tuple[list[str], 
         if has_flops:
             rate = row.flops_per_s
             line += ["" if rate is None else f"{rate / 1e9:.1f}", _pct(row.frac_matmul(peaks))]
+        if has_computed:
+            line.append(_pct(row.frac_matmul_computed(peaks)))
         if has_bytes:
             bw = row.bytes_per_s
             line += ["" if bw is None else f"{bw / 1e9:.2f}", _pct(row.frac_copy(peaks))]
@@ -192,7 +197,7 @@ def print_report(report: Report, console: Console) -> None:
             console.print(f"  [red]case failed: {escape(case.error)}[/red]")
     headers, cells = targets_table(report.cases)
     if cells:
-        table = Table(title="Targets (issue 6)", title_justify="left")
+        table = Table(title="Targets", title_justify="left")
         for h in headers:
             table.add_column(h)
         style = {"yes": "green", "NO": "red", "n/a": "dim"}

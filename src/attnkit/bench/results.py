@@ -60,10 +60,13 @@ class Row:
 
     ``params`` are the settings that vary inside a section (e.g. ``{"N": 4096}``);
     rows with equal params are compared with each other. ``flops``/``nbytes`` are
-    the work of one call (see :mod:`attnkit.bench.flops`), from which the achieved
-    rates and fractions of peak follow. ``metrics`` holds anything else (saved
-    bytes, max error against attnkit, ...). In JSON a row's ``status`` is ``ok``
-    (timed), ``skipped`` (with the reason) or ``metrics`` (untimed, metrics only).
+    the work of one call (see :mod:`attnkit.bench.flops`; ``flops`` counts *useful*
+    FLOPs), from which the achieved rates and fractions of peak follow;
+    ``computed_flops``, when known, is what the row's implementation executes
+    (masked halves and helper columns included), shown beside the useful rate.
+    ``metrics`` holds anything else (saved bytes, max error against attnkit, ...).
+    In JSON a row's ``status`` is ``ok`` (timed), ``skipped`` (with the reason) or
+    ``metrics`` (untimed, metrics only).
     """
 
     label: str
@@ -73,6 +76,7 @@ class Row:
     flops: float | None = None
     nbytes: float | None = None
     metrics: dict[str, Metric] = field(default_factory=dict)
+    computed_flops: float | None = None
     speedup: float | None = None  # time(baseline) / time(this row), same params
     time_ratio: float | None = None  # time(this row) / time(baseline)
 
@@ -97,9 +101,17 @@ class Row:
         return self.nbytes / self.timing.median
 
     def frac_matmul(self, peaks: MachinePeaks | None) -> float | None:
-        """Achieved FLOP/s as a fraction of the measured sgemm FLOP/s."""
+        """Achieved useful FLOP/s as a fraction of the measured sgemm FLOP/s."""
         rate = self.flops_per_s
         return None if rate is None or peaks is None else rate / peaks.matmul_flops_per_s
+
+    def frac_matmul_computed(self, peaks: MachinePeaks | None) -> float | None:
+        """Executed FLOP/s (``computed_flops``) as a fraction of the sgemm FLOP/s."""
+        if self.computed_flops is None or self.timing is None or self.timing.median <= 0:
+            return None
+        if peaks is None:
+            return None
+        return self.computed_flops / self.timing.median / peaks.matmul_flops_per_s
 
     def frac_copy(self, peaks: MachinePeaks | None) -> float | None:
         """Achieved bytes/s as a fraction of the measured copy bandwidth."""
@@ -121,10 +133,12 @@ class Row:
             "speedup": _finite(self.speedup),
             "time_ratio": _finite(self.time_ratio),
             "flops": self.flops,
+            "computed_flops": self.computed_flops,
             "bytes": self.nbytes,
             "gflops": _finite(rate / 1e9) if rate is not None else None,
             "gbps": _finite(bw / 1e9) if bw is not None else None,
             "frac_matmul_peak": _finite(self.frac_matmul(peaks)),
+            "frac_matmul_peak_computed": _finite(self.frac_matmul_computed(peaks)),
             "frac_copy_peak": _finite(self.frac_copy(peaks)),
             "metrics": {
                 k: (_finite(v) if isinstance(v, float) else v) for k, v in self.metrics.items()

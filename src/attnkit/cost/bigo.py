@@ -1,6 +1,6 @@
 r"""Big-O of an exact cost expression under stated assumptions.
 
-Assumptions are written the way the design doc states them, clauses separated by ``;``::
+Assumptions are written the way a textbook states them, clauses separated by ``;``::
 
     "b, n, d >> h, g; g <= h; n >= 0; k = d/h; v = d/h"
 
@@ -207,7 +207,7 @@ def big_o(expr: sympy.Expr, assumptions: str | Assumptions = "") -> sympy.Expr:
     return sympy.Add(*[sympy.Mul(*(SYMBOLS[x] ** p for x, p in m.items())) for m in kept])
 
 
-# Display order of symbols inside a monomial: the doc writes "b n d g / h", "N D^2 M".
+# Display order of symbols inside a monomial, as textbooks write them: "b n d g / h", "N D^2 M".
 _ORDER = [
     "b",
     "n",
@@ -246,7 +246,7 @@ def _format_monomial(m: Monomial) -> str:
 
 
 def format_big_o(expr: sympy.Expr) -> str:
-    """``O(d^2 + b d + b n d)``: terms by total degree, symbols in the doc's order."""
+    """``O(d^2 + b d + b n d)``: terms by total degree, symbols in the textbook order."""
     terms = [m for _, m in monomials(expr)]
 
     def key(m: Monomial) -> tuple[sympy.Rational, int, list[int]]:

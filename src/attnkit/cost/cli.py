@@ -4,7 +4,7 @@
 
     attnkit cost mqa --at b=8,d=1024,h=16,k=64,v=64,n=4096
     attnkit cost softmax --phase train --at L=256,S=256 --check
-    attnkit cost --table            # the design doc's complexity table, from the model
+    attnkit cost --table            # the complexity table of the README, from the model
     attnkit cost --table --markdown
 
 Wiring: ``attnkit.cost.cli.register(app)`` adds the command ``cost`` to a Typer app
@@ -119,7 +119,7 @@ def _report(
     phase: str | None,
     at: dict[str, int],
     check: bool,
-    activations: str,
+    activations: str | None,
     dtype: torch.dtype,
     assume: str | None,
 ) -> bool:
@@ -129,14 +129,29 @@ def _report(
 
     v = c.get(variant)
     phase = v.check_phase(phase)
+    activations = v.default_activations if activations is None else activations
     assumptions = v.assumptions if assume is None else assume
     sizes = c.resolve_sizes(v, at, dtype_bytes=dtype.itemsize)
     used = sorted(v.symbols() | {"w"}, key=list(c.SYMBOLS).index)
-    exprs: list[tuple[str, sympy.Expr]] = [
-        ("FLOPs", c.flops(v, phase, activations=activations)),
-        ("matmul FLOPs", c.flops(v, phase, activations=activations, matmul_only=True)),
-        ("bytes moved", c.bytes_moved(v, phase, activations=activations)),
-        ("memory held", c.memory(v, phase, activations=activations)),
+    # (label, expression, how it is obtained)
+    exprs: list[tuple[str, sympy.Expr, str]] = [
+        (
+            "FLOPs",
+            c.flops(v, phase, activations=activations),
+            "derived matmuls + typed elementwise",
+        ),
+        (
+            "matmul FLOPs",
+            c.flops(v, phase, activations=activations, matmul_only=True),
+            "derived",
+        ),
+        (
+            "useful matmul",
+            c.flops(v, phase, activations=activations, matmul_only=True, useful=True),
+            "derived",
+        ),
+        ("bytes moved", c.bytes_moved(v, phase, activations=activations), "derived from shapes"),
+        ("memory held", c.memory(v, phase, activations=activations), "derived from shapes"),
     ]
     console.print(f"[bold]{v.name}[/bold]: {v.summary}")
     console.print(
@@ -145,23 +160,40 @@ def _report(
     )
     console.print("sizes " + " ".join(f"{n}={sizes[n]}" for n in used), highlight=False)
     console.print("exact (w = bytes per element):", highlight=False)
-    for label, expr in exprs:
+    for label, expr, _ in exprs:
         console.print(f"  {label:<13} = {sympy.sstr(sympy.factor_terms(expr))}", highlight=False)
+
+    steps = Table(
+        title="FLOPs per step: derived from a declared contraction, or typed per element",
+        title_justify="left",
+    )
+    for col in ("step", "pass", "FLOPs at sizes", "useful", "source"):
+        steps.add_column(col, justify="right" if "FLOPs" in col or col == "useful" else "left")
+    for row in c.breakdown(v, phase, activations=activations):
+        steps.add_row(
+            row.name,
+            row.pass_,
+            _num(c.evaluate(row.flops, sizes)),
+            _num(c.evaluate(row.useful, sizes)),
+            row.source,
+        )
+    console.print(steps)
 
     measured = None
     if check:
         measured = c.measure(variant, sizes, phase, activations=activations, dtype=dtype)
     table = Table(title_justify="left")
     table.add_column("quantity")
+    table.add_column("how")
     table.add_column("Big-O")
     table.add_column("model at sizes", justify="right")
     if measured is not None:
         table.add_column("measured", justify="right")
         table.add_column("", justify="center")
     ok = True
-    for label, expr in exprs:
+    for label, expr, how in exprs:
         value = c.evaluate(expr, sizes)
-        cells = [label, c.format_big_o(c.big_o(expr, assumptions)), _num(value)]
+        cells = [label, how, c.format_big_o(c.big_o(expr, assumptions)), _num(value)]
         if measured is not None:
             if label == "matmul FLOPs":
                 same = measured.flops == value
@@ -177,13 +209,20 @@ def _report(
     if measured is not None and measured.time is not None:
         seconds = measured.time.median
         rate = c.evaluate(exprs[0][1], sizes) / seconds / 1e9 if seconds > 0 else float("nan")
-        table.add_row("time", "", "", format_seconds(seconds), f"{rate:.1f} GFLOP/s")
+        table.add_row("time", "", "", "", format_seconds(seconds), f"{rate:.1f} GFLOP/s")
     console.print(table)
     console.print(f"Big-O assumptions: {assumptions}", highlight=False)
+    console.print(
+        "derived: from the contractions the implementation runs and the shapes they name; "
+        "typed: a per-element FLOP constant of an elementwise step (a convention); useful: "
+        "without masked halves, ones columns and recomputation",
+        highlight=False,
+    )
     if measured is not None:
         console.print(
-            f"measured: {measured.runner.description}, FlopCounterMode (+ CPU SDPA formulas); "
-            f"time: median of {measured.time.repeats if measured.time else 0} calls",
+            f"measured: {measured.runner.description}, FlopCounterMode (+ CPU SDPA and "
+            f"in-place baddbmm formulas); time: median of "
+            f"{measured.time.repeats if measured.time else 0} calls",
             highlight=False,
         )
     return ok
@@ -202,21 +241,27 @@ def cost(
         typer.Option("--check", help="Also count FLOPs (FlopCounterMode) and time the real code."),
     ] = False,
     activations: Annotated[
-        str, typer.Option(help="keep | recompute: what the backward pass holds.")
-    ] = "keep",
+        str | None,
+        typer.Option(
+            help="keep | recompute: what the backward pass holds (default: what the "
+            "variant's implementation does)."
+        ),
+    ] = None,
     dtype: Annotated[str, typer.Option(help="float32 | float64 | bfloat16 | float16.")] = "float32",
     assume: Annotated[
         str | None, typer.Option(help="Big-O assumptions, e.g. 'b, n, d >> h; n >= 0'.")
     ] = None,
     table: Annotated[
-        bool, typer.Option("--table", help="Print the design doc's complexity table, derived.")
+        bool, typer.Option("--table", help="Print the complexity table (the README's), derived.")
     ] = False,
     markdown: Annotated[bool, typer.Option("--markdown", help="With --table: Markdown.")] = False,
 ) -> None:
     """Exact FLOPs, bytes and memory of an attention variant, derived from its code.
 
-    Prints the exact expressions, their Big-O and their values at the given sizes;
-    with --check, the matmul FLOPs counted on the real implementation and its time.
+    Prints the exact expressions, their Big-O and their values at the given sizes, and
+    per step whether its FLOPs are derived (a declared contraction) or typed (a
+    per-element constant); with --check, the matmul FLOPs counted on the real
+    implementation and its time.
     Exits with status 1 if a pinned check disagrees with the model.
     """
     from attnkit import cost as c
@@ -232,7 +277,7 @@ def cost(
         raise typer.BadParameter(
             f"unknown variant {variant!r}; known: {', '.join(c.variants())}", param_hint="VARIANT"
         )
-    if activations not in c.ACTIVATIONS:
+    if activations is not None and activations not in c.ACTIVATIONS:
         raise typer.BadParameter("must be 'keep' or 'recompute'", param_hint="--activations")
     if dtype not in _DTYPES:
         raise typer.BadParameter(f"must be one of {', '.join(_DTYPES)}", param_hint="--dtype")

@@ -33,6 +33,7 @@ __all__ = [
     "numel",
     "shapes",
     "summed_size",
+    "useful_flops",
 ]
 
 #: A symbolic shape: one sympy expression per axis.
@@ -200,6 +201,22 @@ def contraction_flops(spec: Contraction) -> sympy.Expr:
     """
     size = _sizes(spec)
     product = sympy.Mul(*size.values())
+    return 2 * product if is_matmul(spec) else product
+
+
+def useful_flops(spec: Contraction) -> sympy.Expr:
+    """FLOPs of the useful part of a contraction (see ``Contraction.useful``/``triangle``).
+
+    Each index counts with its useful size; a ``triangle`` (row, col) counts
+    size(row) (size(col) + 1) / 2 pairs instead of size(row) size(col). Equal to
+    :func:`contraction_flops` for a contraction that declares neither.
+    """
+    size = _sizes(spec)
+    size.update({letter: parse(text) for letter, text in spec.useful.items()})
+    product = sympy.Mul(*size.values())
+    if spec.triangle is not None:
+        _, col = spec.triangle
+        product = product * (size[col] + 1) / (2 * size[col])
     return 2 * product if is_matmul(spec) else product
 
 

@@ -2,16 +2,17 @@
 
 - :func:`count_flops` counts matmul FLOPs with ``torch.utils.flop_counter.FlopCounterMode``.
   That counter has no formula for torch's CPU fused SDPA kernel
-  (``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward): it would
-  count 0. We register torch's own SDPA formulas for those two ops
-  (:data:`CPU_SDPA_FORMULAS`), so the fused path is counted like the CUDA kernels.
+  (``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward) nor for the
+  in-place ``baddbmm_`` (the fast causal path accumulates with it): it would count 0.
+  We register torch's own SDPA formulas for those two ops and the out-of-place
+  baddbmm's for the in-place one (:data:`CPU_SDPA_FORMULAS`, :data:`EXTRA_FORMULAS`),
+  so every product that runs is counted.
 - :func:`runner` builds the real call of a variant at concrete sizes. With
   ``activations="keep"`` it runs the implementation the model describes (pinned:
   model matmul FLOPs == counted FLOPs, exactly); softmax's ``"recompute"`` runs the
-  fused kernel (flash-style backward: scores recomputed; also pinned); causal linear
-  attention's ``"recompute"`` runs the recomputing Function of
-  :mod:`attnkit.ops.linear_chunked` (not pinned: its augmented [V, 1] matmuls are not
-  declared contractions, so its count is shown beside the model's estimate).
+  fused kernel (flash-style backward: scores recomputed; also pinned); ``linear_fast``
+  runs the recomputing Function of :mod:`attnkit.ops.linear_chunked`, whose bmm
+  products are declared contractions too (pinned, at every tile plan).
 - :func:`fit_exponent` times a call over a geometric range of one size and fits the
   log-log slope with a Student-t confidence band; :func:`fit_loglog` fits any
   measured quantity (e.g. ``KVCache.nbytes``).
@@ -43,6 +44,7 @@ from attnkit.ops.softmax import sdpa, sdpa_reference
 
 __all__ = [
     "CPU_SDPA_FORMULAS",
+    "EXTRA_FORMULAS",
     "ExponentFit",
     "Measurement",
     "Runner",
@@ -82,16 +84,34 @@ def _sdpa_cpu_backward_flop(
     return int(flops)
 
 
+def _baddbmm_inplace_flop(
+    self_shape: Sequence[int],
+    a_shape: Sequence[int],
+    b_shape: Sequence[int],
+    *args: Any,
+    **kwargs: Any,
+) -> int:
+    # out += a @ b over a batch: 2 b m n k, as torch counts the out-of-place baddbmm.
+    batch, m, k = a_shape
+    return 2 * batch * m * k * int(b_shape[-1])
+
+
 #: FLOP formulas for torch's CPU fused SDPA ops, which FlopCounterMode does not know.
 CPU_SDPA_FORMULAS: dict[Any, Callable[..., int]] = {
     _aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flop,
     _aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward_flop,
 }
+#: Every formula :func:`count_flops` adds to FlopCounterMode's: the CPU SDPA ops and the
+#: in-place baddbmm_ (torch 2.13 counts 0 for it).
+EXTRA_FORMULAS: dict[Any, Callable[..., int]] = {
+    **CPU_SDPA_FORMULAS,
+    _aten.baddbmm_: _baddbmm_inplace_flop,
+}
 
 
 def count_flops(fn: Callable[[], object]) -> int:
-    """Matmul FLOPs of one call of ``fn``, as FlopCounterMode counts them (+ CPU SDPA)."""
-    with FlopCounterMode(display=False, custom_mapping=CPU_SDPA_FORMULAS) as counter:
+    """Matmul FLOPs of one call of ``fn``, as FlopCounterMode counts them (+ EXTRA_FORMULAS)."""
+    with FlopCounterMode(display=False, custom_mapping=EXTRA_FORMULAS) as counter:
         fn()
     return int(counter.get_total_flops())
 
@@ -151,6 +171,11 @@ def _sequence(
     return build
 
 
+#: The quadratic map (q.k + 1)^2 can reach 0: the runners pass the denominator guard
+#: explicitly (the models' "guard and divide" step), whatever the ops' default is.
+_EPS = 1e-6
+
+
 def _quadratic() -> Polynomial:
     return Polynomial(degree=2, c=1.0)
 
@@ -172,6 +197,7 @@ def _linear_causal(implementation: str) -> Build:
                 chunk_size=s["C"],
                 implementation=implementation,
                 enable_gqa=True,
+                eps=_EPS,
             )
             return out
 
@@ -181,7 +207,9 @@ def _linear_causal(implementation: str) -> Build:
 
 
 def _linear_noncausal(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    out, _ = linear_attention(q, k, v, feature_map=_quadratic(), is_causal=False, enable_gqa=True)
+    out, _ = linear_attention(
+        q, k, v, feature_map=_quadratic(), is_causal=False, eps=_EPS, enable_gqa=True
+    )
     return out
 
 
@@ -206,7 +234,7 @@ def _linear_step(s: Mapping[str, int], phase: str, dtype: torch.dtype) -> Callab
 
     def step() -> object:
         with torch.no_grad():
-            return linear_attention_step(q, k, v, state, feature_map=phi, enable_gqa=True)
+            return linear_attention_step(q, k, v, state, feature_map=phi, eps=_EPS, enable_gqa=True)
 
     return step
 
@@ -331,9 +359,9 @@ _RUNNERS: dict[tuple[str, str], Runner] = {
         True,
         _linear_causal("reference"),
     ),
-    ("linear_chunked", "recompute"): Runner(
+    ("linear_fast", "recompute"): Runner(
         'attnkit.linear_attention(is_causal=True, implementation="fast") (recomputing Function)',
-        False,
+        True,
         _linear_causal("fast"),
     ),
     ("linear_step", "keep"): Runner("attnkit.linear_attention_step", True, _linear_step),
@@ -351,18 +379,23 @@ _RUNNERS: dict[tuple[str, str], Runner] = {
 }
 
 
-def runner(variant: str, activations: str = "keep") -> Runner:
-    """The real implementation of ``variant`` under ``activations``; ValueError if none."""
-    model.get(variant)
+def runner(variant: str, activations: str | None = None) -> Runner:
+    """The real implementation of ``variant`` under ``activations``; ValueError if none.
+
+    ``activations=None``: the variant's own (``Variant.default_activations``).
+    """
+    chosen = model.get(variant).default_activations
+    if activations is not None:
+        chosen = activations
     phases = model.get(variant).phases
-    if activations == "recompute" and "train" not in phases:
-        activations = "keep"  # no backward pass: nothing to recompute
+    if chosen == "recompute" and "train" not in phases:
+        chosen = "keep"  # no backward pass: nothing to recompute
     try:
-        return _RUNNERS[(variant, activations)]
+        return _RUNNERS[(variant, chosen)]
     except KeyError:
         raise ValueError(
-            f"no {activations!r} implementation of {variant!r} to measure; the model's "
-            f"{activations!r} figures are a documented option"
+            f"no {chosen!r} implementation of {variant!r} to measure; the model's "
+            f"{chosen!r} figures are a documented option"
         ) from None
 
 
@@ -380,12 +413,15 @@ def measure(
     sizes: Mapping[str, int],
     phase: str | None = None,
     *,
-    activations: str = "keep",
+    activations: str | None = None,
     dtype: torch.dtype = torch.float32,
     repeats: int = 5,
     timed: bool = True,
 ) -> Measurement:
-    """Count the FLOPs of (and time) the real implementation of ``variant`` at ``sizes``."""
+    """Count the FLOPs of (and time) the real implementation of ``variant`` at ``sizes``.
+
+    ``activations=None``: the variant's own (``Variant.default_activations``).
+    """
     v = model.get(variant)
     phase = v.check_phase(phase)
     r = runner(variant, activations)

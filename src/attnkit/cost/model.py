@@ -20,6 +20,18 @@ FLOPs
     computed from one by a differentiable step.
     *matmul FLOPs* are the contraction terms alone: what
     ``torch.utils.flop_counter.FlopCounterMode`` counts (bmm/mm), checked exactly.
+    *useful FLOPs* leave out what a contraction computes but the algorithm does not
+    need (``Contraction.triangle``: the masked half of a causal chunk's products;
+    ``Contraction.useful``: an augmented ones column) and every recomputation.
+
+What is derived and what is typed
+    Contraction FLOPs and every shape a contraction names are *derived*: they follow
+    from the equation the implementation runs. Elementwise FLOPs are *typed*: each
+    :class:`Elementwise` step carries a per-element constant (softmax 5, phi 2, a
+    divide 2, ...) that is a convention, not a count; :attr:`StepCost.source` says
+    which each step is, and ``attnkit cost VARIANT`` prints it. Bytes and memory follow
+    from the shapes by the rules below; shapes of tensors no contraction names are
+    declared in ``Variant.tensors``.
 
 bytes (moved)
     Every step reads its inputs once and writes its output once:
@@ -56,7 +68,15 @@ import sympy
 
 from attnkit._contract import Contraction
 from attnkit._registry import Registry
-from attnkit.cost.einsum import Shape, contraction_flops, is_matmul, numel, shapes, summed_size
+from attnkit.cost.einsum import (
+    Shape,
+    contraction_flops,
+    is_matmul,
+    numel,
+    shapes,
+    summed_size,
+    useful_flops,
+)
 from attnkit.cost.symbols import SYMBOLS, parse
 
 __all__ = [
@@ -79,6 +99,7 @@ __all__ = [
 ]
 
 _ONE = sympy.Integer(1)
+_ZERO = sympy.Integer(0)
 
 Phase = Literal["forward", "train", "decode"]
 PHASES: tuple[str, ...] = ("forward", "train", "decode")
@@ -134,9 +155,11 @@ class Variant:
         grad_inputs: inputs that require grad in the train phase.
         phases: the phases it supports; the first is the default.
         recomputable: tensors not held under ``activations="recompute"``.
-        assumptions: the Big-O assumptions of its row in the design doc's table.
+        assumptions: the Big-O assumptions of its row in the complexity table.
         defaults: sizes used when the caller gives none (CLI ``--at``).
         derived: sizes computed from others, e.g. ``{"Dp": "binomial(E + 2, 2)"}``.
+        default_activations: what the implementation does ("keep", or "recompute" for
+            a path that recomputes in its backward); the default of ``attnkit cost``.
     """
 
     name: str
@@ -152,6 +175,7 @@ class Variant:
     assumptions: str = ""
     defaults: Mapping[str, int] = field(default_factory=dict)
     derived: Mapping[str, str] = field(default_factory=dict)
+    default_activations: str = "keep"
 
     # ---- tensors --------------------------------------------------------------------
     def shapes(self) -> dict[str, Shape]:
@@ -228,7 +252,9 @@ class StepCost:
 
     ``summed`` is the product of the forward contraction's summed index sizes (1 for
     elementwise steps): where it is 1 at concrete sizes, torch.einsum multiplies
-    instead of running a bmm (see :func:`matmul_flops_at`).
+    instead of running a bmm (see :func:`matmul_flops_at`). ``useful`` is the part of
+    ``flops`` the algorithm needs (0 for a recomputation). ``source`` says whether the
+    FLOPs are derived from a contraction or typed per element.
     """
 
     name: str
@@ -237,6 +263,8 @@ class StepCost:
     flops: sympy.Expr
     bytes: sympy.Expr
     summed: sympy.Expr = _ONE
+    useful: sympy.Expr = _ZERO
+    source: str = ""
 
 
 _VARIANTS: Registry[Variant] = Registry("cost variant")
@@ -264,9 +292,12 @@ def get(variant: str | Variant) -> Variant:
     return _VARIANTS.get(variant)
 
 
-def _check_activations(activations: str) -> None:
-    if activations not in ACTIVATIONS:
+def _check_activations(v: Variant, activations: str | None) -> str:
+    """``activations``, or the variant's own when None; ValueError for an unknown one."""
+    chosen = v.default_activations if activations is None else activations
+    if chosen not in ACTIVATIONS:
         raise ValueError(f"activations must be 'keep' or 'recompute', got {activations!r}")
+    return chosen
 
 
 def _requires_grad(v: Variant) -> set[str]:
@@ -296,7 +327,7 @@ def _recomputed_steps(v: Variant) -> list[Step]:
 
 
 def breakdown(
-    variant: str | Variant, phase: str | None = None, *, activations: str = "keep"
+    variant: str | Variant, phase: str | None = None, *, activations: str | None = None
 ) -> list[StepCost]:
     """Per-step FLOPs and bytes (in elements × w) of one pass of ``variant``.
 
@@ -305,20 +336,44 @@ def breakdown(
     """
     v = get(variant)
     phase = v.check_phase(phase)
-    _check_activations(activations)
+    activations = _check_activations(v, activations)
     size = v.sizes()
     w = SYMBOLS["w"]
+
+    zero = sympy.Integer(0)
+
+    def derived(step: Contraction) -> str:
+        return f"derived from {step.equation}"
+
+    def typed(step: Elementwise, per: int) -> str:
+        return f"typed: {per} FLOP per element of {step.over or step.output}"
 
     def forward_cost(step: Step, pass_: str) -> StepCost:
         if isinstance(step, Contraction):
             moved = sum((size[t] for t in (*step.operands, step.output)), sympy.Integer(0))
             kind = "matmul" if is_matmul(step) else "product"
             return StepCost(
-                step.name, kind, pass_, contraction_flops(step), w * moved, summed_size(step)
+                step.name,
+                kind,
+                pass_,
+                contraction_flops(step),
+                w * moved,
+                summed_size(step),
+                useful_flops(step) if pass_ == "forward" else zero,
+                derived(step),
             )
         over = size[step.over or step.output]
         moved = sum((size[t] for t in (*step.inputs, step.output)), sympy.Integer(0))
-        return StepCost(step.name, "elementwise", pass_, step.flops_per_element * over, w * moved)
+        cost = step.flops_per_element * over
+        return StepCost(
+            step.name,
+            "elementwise",
+            pass_,
+            cost,
+            w * moved,
+            useful=cost if pass_ == "forward" else zero,
+            source=typed(step, step.flops_per_element),
+        )
 
     rows = [forward_cost(s, "forward") for s in v.steps]
     if phase != "train":
@@ -347,6 +402,8 @@ def breakdown(
                         contraction_flops(step),
                         w * moved,
                         summed_size(step),
+                        useful_flops(step),
+                        derived(step),
                     )
                 )
         elif step.differentiable:
@@ -365,6 +422,8 @@ def breakdown(
                     "backward",
                     per * over,
                     w * (read + written),
+                    useful=per * over,
+                    source=typed(step, per),
                 )
             )
     return rows
@@ -383,24 +442,27 @@ def flops(
     variant: str | Variant,
     phase: str | None = None,
     *,
-    activations: str = "keep",
+    activations: str | None = None,
     matmul_only: bool = False,
+    useful: bool = False,
 ) -> sympy.Expr:
     """Exact FLOPs of ``variant`` in ``phase`` (forward, train = forward + backward, decode).
 
     ``matmul_only=True`` keeps the contractions with a summed index: the FLOPs that
-    ``torch.utils.flop_counter.FlopCounterMode`` counts.
+    ``torch.utils.flop_counter.FlopCounterMode`` counts. ``useful=True`` counts only
+    the useful part (no masked halves, no ones columns, no recomputation): what a
+    fraction of peak should be made of.
     """
     rows = breakdown(variant, phase, activations=activations)
     keep = [r for r in rows if not matmul_only or r.kind == "matmul"]
-    return sympy.expand(sum((r.flops for r in keep), sympy.Integer(0)))
+    return sympy.expand(sum((r.useful if useful else r.flops for r in keep), sympy.Integer(0)))
 
 
 def bytes_moved(
     variant: str | Variant,
     phase: str | None = None,
     *,
-    activations: str = "keep",
+    activations: str | None = None,
     dtype: object = None,
 ) -> sympy.Expr:
     """Exact bytes read and written by ``variant`` in ``phase`` (in terms of w, or ``dtype``)."""
@@ -413,7 +475,7 @@ def matmul_flops_at(
     sizes: Mapping[str, int],
     phase: str | None = None,
     *,
-    activations: str = "keep",
+    activations: str | None = None,
 ) -> int:
     """Matmul FLOPs at concrete sizes, exactly as FlopCounterMode counts them.
 
@@ -446,13 +508,13 @@ def memory(
     variant: str | Variant,
     phase: str | None = None,
     *,
-    activations: str = "keep",
+    activations: str | None = None,
     dtype: object = None,
 ) -> sympy.Expr:
     """Exact bytes held by ``variant`` in ``phase`` (see the module docstring)."""
     v = get(variant)
     phase = v.check_phase(phase)
-    _check_activations(activations)
+    activations = _check_activations(v, activations)
     size = v.sizes()
     if phase == "train":
         held = set(v.inputs) | set(v.outputs) | _saved(v, _requires_grad(v) & _live(v))

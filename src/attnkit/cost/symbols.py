@@ -8,7 +8,7 @@ Every size expression in :mod:`attnkit._contract` records and in the variants of
     sequence ops            B batch, H query heads, Hk key/value heads, L query length,
     (SDPA layout)           S key length, E key width, Ev value width, Dp feature width D',
                             C chunk length (L/C chunks)
-    the design doc's table  N sequence length (L = S = N), D key width (= E),
+    the complexity table  N sequence length (L = S = N), D key width (= E),
                             M value width (= Ev)
     bytes                   w bytes per element (4 for float32)
 
@@ -33,8 +33,8 @@ LEGEND: dict[str, str] = {
     "d": "model width (decoding)",
     "h": "query heads (decoding)",
     "g": "key/value heads, GQA groups (decoding)",
-    "k": "key width per head (decoding; d/h in the design doc)",
-    "v": "value width per head (decoding; d/h in the design doc)",
+    "k": "key width per head (decoding; d/h when the heads split d)",
+    "v": "value width per head (decoding; d/h when the heads split d)",
     "B": "batch",
     "H": "query heads",
     "Hk": "key/value heads (H/Hk query heads share one)",
@@ -42,13 +42,13 @@ LEGEND: dict[str, str] = {
     "G": "query rows per state head (decay / delta rule; 1 unless Hq > Hv)",
     "L": "query length",
     "S": "key length",
-    "N": "sequence length of the design doc's table (L = S = N)",
+    "N": "sequence length of the complexity table (L = S = N)",
     "C": "chunk length of causal linear attention (L/C chunks)",
     "E": "key width",
-    "D": "key width of the design doc's table (= E)",
+    "D": "key width of the complexity table (= E)",
     "Dp": "feature width D' of phi (C(D+2, 2) for the quadratic map)",
     "Ev": "value width",
-    "M": "value width of the design doc's table (= Ev)",
+    "M": "value width of the complexity table (= Ev)",
     "w": "bytes per element",
 }
 

@@ -1,11 +1,11 @@
-"""The design doc's complexity table, regenerated from the model (nothing typed).
+"""The complexity table of attention variants, regenerated from the model (nothing typed).
 
 Each row names a variant, a phase and an activations strategy; its time is the
 Big-O of :func:`~attnkit.cost.model.flops` and its memory the Big-O of either the
-bytes moved per decoding step (:func:`~attnkit.cost.model.bytes_moved`, the doc's
-"memory traffic") or the memory held for the backward pass of a training step
-(:func:`~attnkit.cost.model.memory`, the doc's "memory" of softmax and linear
-attention), under the variant's own assumptions.
+bytes moved per decoding step (:func:`~attnkit.cost.model.bytes_moved`, the
+textbook's "memory traffic") or the memory held for the backward pass of a training
+step (:func:`~attnkit.cost.model.memory`, the textbook's "memory" of softmax and
+linear attention), under the variant's own assumptions.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from attnkit.cost.bigo import big_o, format_big_o
 
 __all__ = ["ROWS", "Row", "complexity", "markdown", "rows"]
 
-#: (variant, phase, activations) of each row, the design doc's first.
+#: (variant, phase, activations) of each row, the textbook's rows first.
 ROWS: tuple[tuple[str, str, str], ...] = (
     ("mha", "decode", "keep"),
     ("gqa", "decode", "keep"),
@@ -32,6 +32,7 @@ ROWS: tuple[tuple[str, str, str], ...] = (
     ("kernel", "train", "keep"),
     ("linear_chunked", "train", "keep"),
     ("linear_chunked", "train", "recompute"),
+    ("linear_fast", "train", "recompute"),
     ("linear_step", "decode", "keep"),
 )
 
@@ -61,7 +62,7 @@ def complexity(
     variant: str,
     phase: str | None = None,
     *,
-    activations: str = "keep",
+    activations: str | None = None,
     assumptions: str | None = None,
 ) -> Row:
     """Big-O of time and memory of one variant (its own assumptions unless given).
@@ -71,6 +72,7 @@ def complexity(
     """
     v = model.get(variant)
     phase = v.check_phase(phase)
+    activations = v.default_activations if activations is None else activations
     a = v.assumptions if assumptions is None else assumptions
     if phase == "decode":
         mem = model.bytes_moved(v, phase, activations=activations)

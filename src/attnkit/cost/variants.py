@@ -12,6 +12,9 @@ Variants (``attnkit cost --table`` lists them with their complexity)::
     kernel           kernel_attention(sim="polynomial") forward, train  (q.k + 1)^2
     linear           linear_attention, non-causal       forward, train  quadratic phi
     linear_chunked   linear_attention, causal chunked   forward, train  quadratic phi
+                     (the plain reference path)
+    linear_fast      linear_attention, causal (default) forward, train  quadratic phi
+                     (the fast path of attnkit.ops.linear_chunked; it recomputes)
     linear_step      linear_attention_step              decode          quadratic phi
     mha, mqa, gqa    decoding.mha_step / mqa_step / gqa_step           decode
     gla_chunked      decay.reference.chunked_decay      forward, train  scalar gate
@@ -28,7 +31,7 @@ from __future__ import annotations
 from attnkit import decoding
 from attnkit._contract import Contraction
 from attnkit.cost.model import Elementwise, Step, Variant, register
-from attnkit.ops import gated_step, kernel, linear, softmax
+from attnkit.ops import gated_step, kernel, linear, linear_chunked, softmax
 from attnkit.ops.decay import reference as decay_ref
 from attnkit.ops.delta import reference as delta_ref
 
@@ -41,15 +44,15 @@ __all__ = [
     "STEP_ASSUMPTIONS",
 ]
 
-#: Big-O assumptions of the design doc's table, per head and sequence: the doc writes
+#: Big-O assumptions of the complexity table, per head and sequence: the table writes
 #: N, D, M for L = S, E, Ev and drops B and H.
 SEQUENCE_ASSUMPTIONS = "N, D, M >> 1; B = H = Hk = 1; L = S = N; E = D; Ev = M"
 #: Linear attention: the quadratic feature map (D' = C(D+2, 2)), value width at most the
-#: key width and the sequence length (the doc's "M ~ D").
+#: key width and the sequence length (the textbook's "M ~ D").
 LINEAR_ASSUMPTIONS = SEQUENCE_ASSUMPTIONS + "; Dp = binomial(D + 2, 2); M <= D; M <= N; C <= N"
 #: One recurrent step: no sequence length at all.
 STEP_ASSUMPTIONS = "D, M >> 1; B = H = Hk = 1; E = D; Ev = M; Dp = binomial(D + 2, 2); M <= D"
-#: Decoding: "n, d >> h" of the doc, head widths d/h; the cache may be empty (n >= 0).
+#: Decoding: "n, d >> h" of the textbook, head widths d/h; the cache may be empty (n >= 0).
 DECODE_ASSUMPTIONS = "b, n, d >> h, g; g <= h; n >= 0; k = d/h; v = d/h"
 
 _SEQUENCE_DEFAULTS = {"B": 1, "H": 4, "Hk": 4, "L": 1024, "S": 1024, "E": 64, "Ev": 64}
@@ -240,6 +243,48 @@ register(
         },
         # What a recomputing backward (attnkit.ops.linear_chunked) does not keep.
         ("fq", "fk", "kv", "kz", "S_prev", "z_prev", "A_raw", "A"),
+    )
+)
+
+register(
+    Variant(
+        name="linear_fast",
+        summary="linear attention, causal, the fast chunked path (recomputes), quadratic phi",
+        implementation="attnkit.ops.linear.linear_attention(is_causal=True)",
+        steps=(
+            _phi("q", "fq"),
+            _phi("k", "fk"),
+            Elementwise("V' = [V, 1] in chunk rows (a copy)", ("v",), "va", 0),
+            linear_chunked.CHUNK_STATES,
+            Elementwise("inclusive scan of chunk states (+ S0)", ("S0", "kv"), "S_prev", 1),
+            linear_chunked.CHUNK_INTER,
+            linear_chunked.CHUNK_SCORES,
+            Elementwise("causal mask (in place)", ("A_raw",), "A", 1),
+            linear_chunked.CHUNK_INTRA,
+            Elementwise("inter + intra (baddbmm)", ("o_inter", "o_intra"), "o", 1),
+            Elementwise("guard and divide", ("o",), "out", 2, over="out", saves=("out", "den")),
+            Elementwise("final state", ("S_prev",), "S_final", 0, over="S_final"),
+        ),
+        tensors={
+            "q": ("B", "H", "L", "E"),
+            "k": ("B", "Hk", "S", "E"),
+            "v": ("B", "Hk", "S", "Ev"),
+            "S0": ("B", "Hk", "Dp", "Ev + 1"),
+            "o": ("B", "H", "L", "Ev + 1"),
+            "den": ("B", "H", "L"),
+            "out": ("B", "H", "L", "Ev"),
+            "S_final": ("B", "Hk", "Dp", "Ev + 1"),
+        },
+        inputs=(*_QKV, "S0"),
+        outputs=("out", "S_final"),
+        grad_inputs=_QKV,
+        # Kept for backward: q, k, v, out and its denominator (and one state per
+        # backward tile, which the tile plan sizes: O(D' M) per head and tile).
+        recomputable=("fq", "fk", "va", "kv", "S_prev", "A_raw", "A"),
+        assumptions=LINEAR_ASSUMPTIONS,
+        defaults=_LINEAR_DEFAULTS,
+        derived=_QUADRATIC,
+        default_activations="recompute",
     )
 )
 

@@ -218,16 +218,24 @@ def _state_layer(cache: Any, layer_idx: int) -> LinearStateLayer:
 
 
 def state_bytes(cache: Any) -> int:
-    """Bytes held by a cache: recurrent states and any keys/values (for memory checks)."""
-    total = 0
+    """Bytes of storage a cache holds: recurrent states and any keys/values.
+
+    Measured, not computed from shapes: the size of every distinct storage behind the
+    cache's tensors (``untyped_storage().nbytes()``), so over-allocated or shared buffers
+    count as what they really hold (for memory checks).
+    """
+    storages: dict[int, int] = {}
     for layer in getattr(cache, "layers", []):
         tensors: list[Any] = []
         if isinstance(layer, LinearStateLayer):
             tensors = list(layer.state) if layer.state is not None else []
         else:
             tensors = [getattr(layer, "keys", None), getattr(layer, "values", None)]
-        total += sum(t.numel() * t.element_size() for t in tensors if isinstance(t, Tensor))
-    return total
+        for t in tensors:
+            if isinstance(t, Tensor):
+                st = t.untyped_storage()
+                storages[st.data_ptr()] = st.nbytes()
+    return sum(storages.values())
 
 
 # --------------------------------------------------------------------------------------

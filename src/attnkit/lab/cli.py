@@ -33,7 +33,7 @@ class ProfileName(str, enum.Enum):
 
 
 _PROFILE_HELP = (
-    "quick: the default, every experiment in <= 10 minutes on 2 CPU cores; full: bigger "
+    "quick: the default, every experiment in <= 8 minutes on 2 CPU cores; full: bigger "
     "sweeps; test: tiny, seconds (for the test suite)."
 )
 
@@ -56,7 +56,7 @@ def _summary(console: Console, run: LabRun, index: Path, results: Path) -> None:
     colour = "green" if run.passed == len(run.claims) else "yellow"
     console.print(
         f"[{colour}]{run.passed}/{len(run.claims)} claims pass[/] · wall time "
-        f"{run.seconds:.1f} s · profile {run.profile}"
+        f"{run.seconds:.1f} s ({run.cpu_seconds:.1f} s CPU) · profile {run.profile}"
     )
     console.print(f"wrote {index} and {results}")
 

@@ -2,28 +2,42 @@ r"""Experiment ``complexity``: time and memory against sequence length N.
 
 Series (batch 1, H heads, key width D, value width M, float32, forward pass):
 
-- softmax attention through torch's fused SDPA kernel, non-causal and causal;
+- softmax attention through torch's fused SDPA kernel, non-causal and causal (D = M:
+  torch's CPU flash kernel needs equal widths and otherwise falls back to its plain
+  math path, which holds the N x N weights);
 - the quadratic kernel reference, equation (4) with sim = (q.k + 1)^2
   (:func:`attnkit.kernel_attention`), non-causal;
 - linearized attention, equation (6) (:func:`attnkit.linear_attention`), non-causal
   and causal (chunked), with every registered feature map.
 
-Theory (DESIGN.md): softmax costs O(N^2 (D + M)) time; the plain math holds the
-N x N scores (memory O(N^2)), a fused kernel tiles them (O(N)); linear attention costs
-O(N D' M) time and O(N D') memory. So, as N grows, linear attention overtakes softmax
-at a crossover N* that grows with the feature width D'.
+Theory (Katharopoulos et al. 2020; Dao et al. 2022): softmax costs O(N^2 (D + M))
+time; the plain math holds the N x N scores (memory O(N^2)), a fused kernel tiles them
+and recomputes them in its backward pass (O(N)); linear attention costs O(N D' M) time
+and O(N D') memory, O(N (D + M)) when phi is recomputed in the backward pass. So, as
+N grows, linear attention overtakes softmax at a crossover N* that grows with the
+feature width D'.
 
 What is compared with what:
 
-- growth exponents: the log-log slope of the measured medians over the largest N,
+- work: the matmul FLOPs each real call performs, counted by FlopCounterMode
+  (:func:`attnkit.cost.count_flops`) at every N; their log-log slope against the cost
+  model's. Deterministic, so the band is tight: a linear attention that did quadratic
+  work anywhere would fail it even where timings are too noisy to tell;
+- growth exponents: the log-log slope of the measured times over the largest N,
   next to the slope of the cost model's exact FLOPs (``attnkit.cost.flops``) or held
-  bytes (``attnkit.cost.memory``) over the same N, with the feature width D' of each map;
+  bytes (``attnkit.cost.memory``) over the same N, with the feature width D' of each map.
+  The band (:data:`SLOPE_TOL`) is narrower than half the distance between O(N) and
+  O(N^2), so no slope can pass as both;
 - crossover: the N where the measured linear and softmax curves cross (interpolated in
   log-log; extrapolated from the fitted power laws when outside the range), next to
   the N where the cost model's FLOPs cross.
 
-Peak memory is the peak of the call's own allocations (the profiler's records
-replayed in time order, :func:`attnkit.lab.measure.peak_allocated`), inputs excluded.
+Memory is what a training step holds between its forward and backward passes: the
+storages autograd saves (:func:`attnkit.lab.measure.saved_tensor_bytes`), next to the
+cost model's memory held for backward. It is exact and allocator-independent: the
+profiler's allocation records, used before, miss the temporaries an op allocates and
+frees inside itself (the N x N weights of torch's math path), so a forward peak
+measured that way could not tell O(N^2) from O(N).
 """
 
 from __future__ import annotations
@@ -38,15 +52,23 @@ import torch
 
 from attnkit import feature_maps
 from attnkit._timing import time_call
-from attnkit.cost import evaluate, fit_loglog, flops, memory
+from attnkit.cost import count_flops, evaluate, fit_loglog, flops, memory
 from attnkit.lab import plotting
 from attnkit.lab.core import EXPERIMENTS, Context, Experiment, ExperimentResult, Table
-from attnkit.lab.measure import peak_allocated
+from attnkit.lab.measure import saved_tensor_bytes
 from attnkit.ops import kernel_attention, linear_attention, sdpa
+from attnkit.ops.linear import auto_chunk_size
 
 __all__ = ["SETTINGS", "ComplexitySettings", "run"]
 
 SEED = 99
+#: A time or memory exponent passes within this of its model's: < 0.5, so a slope
+#: of 1.5 (between O(N) and O(N^2)) fails both, and a linear attention that grew like
+#: N^2 (or a softmax that grew like N) fails its own.
+SLOPE_TOL = 0.35
+#: Counted FLOPs follow the model's exponent within this (rounding of the padded
+#: last chunk and of small N only).
+WORK_TOL = 0.05
 
 
 @dataclass(frozen=True)
@@ -70,20 +92,22 @@ SETTINGS: dict[str, ComplexitySettings] = {
         key_width=8, value_width=8, kernel_max=256, repeats=1, min_time=0.0,
         fit_from_quadratic=64, fit_from_linear=64,
     ),
-    # Fit windows: softmax and the kernel reference from N = 2048 (between 1024 and 2048
-    # their N x N blocks leave the caches and the local slope jumps far above 2 on a
-    # 2-core EPYC; beyond, they grow like N^2 again, so they also run at 8192); linear
-    # attention over the wide range 256..4096, which averages over the bumps where its
-    # buffers cross cache and allocator (fresh pages for large blocks) thresholds.
+    # D = M = 16, so softmax runs torch's fused kernel (the plain math path it falls back
+    # to for D != M holds the N x N weights). Fit windows: softmax and the kernel
+    # reference from N = 2048 (between 1024 and 2048 their N x N blocks leave the caches
+    # and the local slope jumps far above 2 on a 2-core EPYC; beyond, they grow like
+    # N^2 again, so they also run at 8192); linear attention from 1024 to 16384, where
+    # a call's fixed cost (~0.1 ms) no longer bends the slope and its tiles have reached
+    # their steady size.
     "quick": ComplexitySettings(
-        lengths=(64, 128, 256, 512, 1024, 2048, 4096), linear_lengths=(),
-        quadratic_lengths=(8192,), heads=4, key_width=16, value_width=64, kernel_max=8192,
-        repeats=3, min_time=0.1, fit_from_quadratic=2048, fit_from_linear=256,
+        lengths=(64, 256, 1024, 2048, 4096), linear_lengths=(8192, 16384),
+        quadratic_lengths=(8192,), heads=4, key_width=16, value_width=16, kernel_max=8192,
+        repeats=3, min_time=0.05, fit_from_quadratic=2048, fit_from_linear=1024,
     ),
     "full": ComplexitySettings(
         lengths=(64, 128, 256, 512, 1024, 2048, 4096, 8192), linear_lengths=(16384, 32768),
-        quadratic_lengths=(16384,), heads=4, key_width=16, value_width=64, kernel_max=8192,
-        repeats=7, min_time=0.5, fit_from_quadratic=2048, fit_from_linear=256,
+        quadratic_lengths=(16384,), heads=4, key_width=16, value_width=16, kernel_max=8192,
+        repeats=7, min_time=0.5, fit_from_quadratic=2048, fit_from_linear=1024,
     ),
 }  # fmt: skip
 
@@ -109,7 +133,7 @@ def _series() -> list[_Series]:
     ]
     for name in feature_maps.available():
         out.append(_Series(name, "linear", False, name, "linear"))
-        out.append(_Series(name, "linear", True, name, "linear_chunked"))
+        out.append(_Series(name, "linear", True, name, "linear_fast"))
     return out
 
 
@@ -120,8 +144,9 @@ def _call(
         return lambda: sdpa(q, k, v, is_causal=series.causal)
     if series.family == "kernel":
         return lambda: kernel_attention(q, k, v, sim="polynomial", eps=1e-6)
-    eps = None if phi.positive else 1e-6  # identity/relu: the guard they had by default
-    return lambda: linear_attention(q, k, v, feature_map=phi, is_causal=series.causal, eps=eps)
+    if not phi.positive:  # a map that can give a zero denominator needs the explicit guard
+        return lambda: linear_attention(q, k, v, feature_map=phi, is_causal=series.causal, eps=1e-6)
+    return lambda: linear_attention(q, k, v, feature_map=phi, is_causal=series.causal)
 
 
 def _lengths(series: _Series, s: ComplexitySettings) -> tuple[int, ...]:
@@ -133,6 +158,8 @@ def _lengths(series: _Series, s: ComplexitySettings) -> tuple[int, ...]:
 
 
 def _sizes(s: ComplexitySettings, n: int, dp: int) -> dict[str, int]:
+    # The chunk the causal path picks (at least 1 so the model evaluates for softmax too).
+    chunk = auto_chunk_size(n, max(dp, 1), s.value_width)
     return {
         "B": 1,
         "H": s.heads,
@@ -142,21 +169,25 @@ def _sizes(s: ComplexitySettings, n: int, dp: int) -> dict[str, int]:
         "E": s.key_width,
         "Ev": s.value_width,
         "Dp": dp,
-        "C": 64,
+        "C": chunk,
         "w": 4,
     }
 
 
-def _model(series: _Series, s: ComplexitySettings, dp: int) -> tuple[sympy.Expr, sympy.Expr]:
-    """The cost model's FLOPs and held bytes for this series (symbolic)."""
+def _model(
+    series: _Series, s: ComplexitySettings, dp: int
+) -> tuple[sympy.Expr, sympy.Expr, sympy.Expr]:
+    """The cost model's FLOPs, matmul FLOPs and memory held for backward (symbolic)."""
     f = flops(series.cost_variant, "forward")
+    fm = flops(series.cost_variant, "forward", matmul_only=True)
     if series.family == "softmax":
-        # The fused kernel never holds the N x N scores: the cost model's softmax with the
-        # recomputable scores/weights dropped (flash-style); FLOPs are the plain math's.
-        m = memory("softmax", "train", activations="recompute")
+        # torch's fused kernel (D = M) never holds the N x N weights: the cost model's
+        # softmax with them recomputed (flash-style); the plain math path keeps them.
+        fused = s.key_width == s.value_width
+        m = memory("softmax", "train", activations="recompute" if fused else "keep")
     else:
-        m = memory(series.cost_variant, "forward")
-    return f, m
+        m = memory(series.cost_variant, "train")
+    return f, fm, m
 
 
 def run(ctx: Context) -> ExperimentResult:
@@ -172,7 +203,8 @@ def run(ctx: Context) -> ExperimentResult:
             f"(softmax and the kernel reference also at {list(s.quadratic_lengths)}, linear "
             f"attention also at {list(s.linear_lengths)}); time is the fastest of "
             f">= {s.repeats} calls (the least disturbed by other work on the machine; the "
-            f"medians are in results.json), memory the peak of the call's own allocations. "
+            f"medians are in results.json), memory what autograd saves for the backward "
+            f"pass (inputs included when saved). "
             f"Feature maps: {', '.join(feature_maps.available())}."
         ),
     )
@@ -184,7 +216,7 @@ def run(ctx: Context) -> ExperimentResult:
     for sr in series:
         phi = feature_maps.resolve(sr.feature_map, s.key_width) if sr.feature_map else None
         dp = phi.out_dim(s.key_width) if phi is not None else 0
-        f_model, m_model = _model(sr, s, dp)
+        f_model, fm_model, m_model = _model(sr, s, dp)
         points = []
         for n in _lengths(sr, s):
             q = torch.randn(1, s.heads, n, s.key_width, generator=gen) / s.key_width**0.25
@@ -192,8 +224,11 @@ def run(ctx: Context) -> ExperimentResult:
             v = torch.randn(1, s.heads, n, s.value_width, generator=gen)
             call = _call(sr, q, k, v, phi)
             with torch.no_grad():
-                timing = time_call(call, repeats=s.repeats, warmup=1, min_time=s.min_time)
-                peak = peak_allocated(call)
+                counted = count_flops(call)  # also the warm-up of the timed calls
+                timing = time_call(call, repeats=s.repeats, warmup=0, min_time=s.min_time)
+            for t in (q, k, v):
+                t.requires_grad_(True)
+            held = saved_tensor_bytes(call)  # one forward with grad
             sz = _sizes(s, n, dp)
             points.append(
                 {
@@ -201,8 +236,10 @@ def run(ctx: Context) -> ExperimentResult:
                     "seconds": timing.median,
                     "seconds_min": timing.low,
                     "calls": timing.repeats,
-                    "peak_bytes": peak,
+                    "saved_bytes": held,
+                    "flops_counted": counted,
                     "flops_model": evaluate(f_model, sz),
+                    "matmul_flops_model": evaluate(fm_model, sz),
                     "bytes_held_model": evaluate(m_model, sz),
                 }
             )
@@ -269,11 +306,15 @@ def _fits(data: dict[str, dict[str, Any]], s: ComplexitySettings) -> None:
         ns = [float(p["N"]) for p in pts]
         t = fit_loglog(ns, [p["seconds_min"] for p in pts])
         tm = fit_loglog(ns, [float(p["flops_model"]) for p in pts])
-        mem_ok = all(p["peak_bytes"] > 0 for p in pts)
-        m = fit_loglog(ns, [float(p["peak_bytes"]) for p in pts]) if mem_ok else None
+        mem_ok = all(p["saved_bytes"] > 0 for p in pts)
+        m = fit_loglog(ns, [float(p["saved_bytes"]) for p in pts]) if mem_ok else None
         mm = fit_loglog(ns, [float(p["bytes_held_model"]) for p in pts])
+        work = fit_loglog(ns, [float(p["flops_counted"]) for p in pts])
+        work_model = fit_loglog(ns, [float(p["matmul_flops_model"]) for p in pts])
         d["fit"] = {
             "N": ns,
+            "work_slope": work.slope,
+            "work_slope_model": work_model.slope,
             "time_slope": t.slope,
             "time_ci": [t.low, t.high],
             "time_slope_model": tm.slope,
@@ -363,12 +404,32 @@ def _claims(
     fitted = {k: d for k, d in data.items() if d.get("fit")}
     if not fitted:
         return
-    # The question is which class the growth belongs to, O(N) or O(N^2): a slope passes
-    # when it is nearer its model's exponent than the other class's (memory hierarchy
-    # and allocation effects bend real curves; the cost model counts neither).
-    tol = 0.5
+    # Which class does the growth belong to, O(N) or O(N^2)? A slope passes within
+    # SLOPE_TOL of its model's, and SLOPE_TOL < 0.5: no slope can pass for both classes
+    # (memory hierarchy and allocation effects bend real curves; the model counts
+    # neither, hence not a tighter band).
+    tol = SLOPE_TOL
+    work = {k: d["fit"]["work_slope"] - d["fit"]["work_slope_model"] for k, d in fitted.items()}
+    result.claim(
+        "work",
+        "The work each implementation does grows as the cost model derives: O(N^2) for "
+        "softmax and the kernel reference, O(N) for linear attention with every map",
+        theory=", ".join(f"{k}: {fitted[k]['fit']['work_slope_model']:.2f}" for k in fitted)
+        + " (log-log slope of the model's matmul FLOPs)",
+        measured=", ".join(f"{k}: {fitted[k]['fit']['work_slope']:.2f}" for k in fitted)
+        + " (FlopCounterMode on the real calls; the fused SDPA op is counted by torch's "
+        "formula for it)",
+        passed=all(abs(x) <= WORK_TOL for x in work.values()),
+        tolerance=f"|counted - model| <= {WORK_TOL} for each, fitted over {_window(s)}",
+        could_fail_if="an implementation did work the model does not predict: a causal "
+        "linear attention run as one chunk as long as the sequence, or one that forms the "
+        "N x N scores (slope 2 instead of 1), or a feature map whose width grew with N",
+        value=max(abs(x) for x in work.values()),
+    )
 
-    def slope_claim(name: str, text: str, keys: list[str]) -> None:
+    def slope_claim(name: str, text: str, keys: list[str], could_fail_if: str) -> None:
+        if not keys:
+            return
         devs = {
             k: fitted[k]["fit"]["time_slope"] - fitted[k]["fit"]["time_slope_model"] for k in keys
         }
@@ -379,8 +440,9 @@ def _claims(
             + " (log-log slope of the cost model's FLOPs over the same N)",
             measured=", ".join(f"{k}: {fitted[k]['fit']['time_slope']:.2f}" for k in keys),
             passed=all(abs(x) < tol for x in devs.values()),
-            tolerance=f"|measured - model| < {tol} (nearer O(N^2) than O(N) or vice versa) "
-            f"for each, fitted over {_window(s)}",
+            tolerance=f"|measured - model| < {tol} for each (a slope of 1.5 fails both "
+            f"O(N) and O(N^2)), fitted over {_window(s)}",
+            could_fail_if=could_fail_if,
             value=max(abs(x) for x in devs.values()),
         )
 
@@ -389,9 +451,17 @@ def _claims(
         "quadratic_time",
         "Softmax and the kernel reference take time O(N^2)",
         quad,
+        "softmax skipped work it should do (e.g. a kernel that attended to a fixed window: "
+        "slope 1), or its time were dominated by something other than the N x N products",
     )
     lin = [k for k, d in fitted.items() if d["family"] == "linear"]
-    slope_claim("linear_time", "Linear attention takes time O(N) for every feature map", lin)
+    slope_claim(
+        "linear_time",
+        "Linear attention takes time O(N) for every feature map",
+        lin,
+        "linear attention did quadratic work or traffic anywhere (e.g. materialised the "
+        "N x N similarities, or copied its running state once per token: slope near 2)",
+    )
 
     def mem_dev(k: str) -> float:
         f = fitted[k]["fit"]
@@ -402,16 +472,20 @@ def _claims(
     devs = {k: mem_dev(k) for k in mem_keys}
     result.claim(
         "memory",
-        "Memory: O(N^2) for the kernel reference (it holds the N x N similarities), O(N) "
-        "for fused softmax (tiled) and for linear attention (O(N D'))",
+        "Memory held for the backward pass: O(N^2) for the kernel reference (it keeps the "
+        "N x N similarities), O(N) for fused softmax (it recomputes them) and for linear "
+        "attention (O(N D'), or O(N (D + M)) when its backward recomputes phi)",
         theory=", ".join(f"{k}: {fitted[k]['fit']['memory_slope_model']:.2f}" for k in mem_keys)
-        + " (slope of the cost model's held bytes)",
+        + " (slope of the cost model's memory held for backward)",
         measured=", ".join(
             f"{k}: {_slope_text(fitted[k]['fit']['memory_slope'])}" for k in mem_keys
-        ),
+        )
+        + " (bytes autograd saves)",
         passed=all(abs(x) < tol for x in devs.values()),
-        tolerance=f"|measured - model| < {tol} (nearer O(N^2) than O(N) or vice versa) for "
-        f"each, fitted over {_window(s)}",
+        tolerance=f"|measured - model| < {tol} for each, fitted over {_window(s)}",
+        could_fail_if="softmax ran torch's plain math path (it keeps the N x N weights: "
+        "slope 2), linear attention saved an N x N or N x D' x M buffer, or the kernel "
+        "reference stopped keeping the similarities it is meant to show",
         value=max(abs(x) for x in devs.values()),
     )
     # Crossovers: linear overtakes softmax as N grows.
@@ -439,6 +513,9 @@ def _claims(
         passed=all(agrees(c) for c in cross.values()),
         tolerance="a crossover exists (measured, or extrapolated from the fitted growth) and "
         "lies within a factor of 4 of the FLOP model's (CPU kernels differ in FLOP/s)",
+        could_fail_if="a linear attention never became faster than softmax (quadratic "
+        "after all), or ran at a small fraction of softmax's FLOP rate (N* far beyond "
+        "the FLOP model's)",
     )
 
 
@@ -481,7 +558,7 @@ def _figures(
             )
             ax_m.plot(
                 xs,
-                [p["peak_bytes"] / 2**20 for p in d["points"]],
+                [p["saved_bytes"] / 2**20 for p in d["points"]],
                 style,
                 color=col,
                 lw=lw,
@@ -497,7 +574,7 @@ def _figures(
             ns_soft, [t_ref * (n / ns[0]) ** 2 for n in ns_soft], "k--", lw=1, label="theory: ∝ N^2"
         )
         ax_t.plot(ns, [t_ref * (n / ns[0]) for n in ns], "k:", lw=1, label="theory: ∝ N")
-        m_ref = max(p["peak_bytes"] for p in soft[:1]) / 2**20 or 1.0
+        m_ref = max(p["saved_bytes"] for p in soft[:1]) / 2**20 or 1.0
         ax_m.plot(
             ns_soft, [m_ref * (n / ns[0]) ** 2 for n in ns_soft], "k--", lw=1, label="theory: ∝ N^2"
         )
@@ -510,9 +587,9 @@ def _figures(
             plotting.legend(ax, loc="upper left", fontsize="x-small")
         plotting.plain_log_labels(ax_t)
         ax_t.set_ylabel("forward time, fastest of the repeats (ms; log scale)")
-        ax_m.set_ylabel("peak memory allocated by the call (MiB; log scale)")
+        ax_m.set_ylabel("memory saved for the backward pass (MiB; log scale)")
         ax_t.set_title(f"Time, {tag} (B=1, H={s.heads}, D={s.key_width}, M={s.value_width})")
-        ax_m.set_title(f"Peak memory, {tag}")
+        ax_m.set_title(f"Memory held for backward, {tag}")
         cross = [
             f"{d['label']} {'<= ' if d['crossover']['how'] == 'below range' else ''}"
             f"{_fmt_n(d['crossover']['N'])}"
@@ -533,7 +610,7 @@ def _figures(
                 fig,
                 ctx,
                 f"complexity_{tag.replace('-', '')}",
-                f"Time and peak memory against N, {tag}",
+                f"Time and training memory against N, {tag}",
                 f"Theory: softmax takes O(N^2 (D + M)) time (dashed N^2 guide), linear "
                 f"attention O(N D' M) (dotted N guide); the plain quadratic math holds "
                 f"O(N^2) memory, the fused SDPA kernel and linear attention O(N). "

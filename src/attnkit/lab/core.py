@@ -1,7 +1,7 @@
 """The lab's vocabulary: profiles, claims, figures, results and the experiment registry.
 
 An *experiment* is a function ``run(ctx) -> ExperimentResult`` registered under a
-name. It measures something the design doc states, and returns
+name. It measures something the theory of attention states, and returns
 
 - ``numbers``: every measured value, JSON-ready (they go to ``results.json``);
 - ``claims``: each a statement of the theory, the value theory predicts, the value
@@ -10,7 +10,7 @@ name. It measures something the design doc states, and returns
   and what was measured (numbers formatted from the run, never typed in).
 
 Profiles size the work: ``test`` (seconds, for the test suite), ``quick`` (the
-default of ``attnkit report``: every experiment together in <= 10 minutes on 2 CPU
+default of ``attnkit report``: every experiment together in <= 8 minutes on 2 CPU
 cores) and ``full`` (bigger sweeps). Seeds are fixed per experiment, so a rerun gives
 the same verdicts.
 """
@@ -71,6 +71,9 @@ class Claim:
         measured: what this run measured (formatted from the run).
         passed: the verdict.
         tolerance: the rule that decided the verdict, e.g. "theory inside the 99.9% CI".
+        could_fail_if: a wrong implementation (or a wrong theory) this claim would catch,
+            e.g. "the cache stored every query head's keys (h/g times the bytes)". A
+            claim that no plausible mistake could fail is not a claim.
         value: the headline measured number, when there is one (for results.json).
     """
 
@@ -80,6 +83,7 @@ class Claim:
     measured: str
     passed: bool
     tolerance: str
+    could_fail_if: str
     value: float | None = None
 
     @property
@@ -95,6 +99,7 @@ class Claim:
             "measured": self.measured,
             "verdict": self.verdict,
             "tolerance": self.tolerance,
+            "could_fail_if": self.could_fail_if,
             "value": jsonable(self.value),
         }
 
@@ -147,6 +152,7 @@ class ExperimentResult:
     tables: list[Table] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # honest remarks (budget cuts, caveats)
     seconds: float = 0.0  # wall time, set by the runner
+    cpu_seconds: float = 0.0  # CPU time of this process (all threads), set by the runner
 
     @property
     def passed(self) -> bool:
@@ -162,10 +168,26 @@ class ExperimentResult:
         measured: str,
         passed: bool,
         tolerance: str,
+        could_fail_if: str,
         value: float | None = None,
     ) -> Claim:
-        """Record a claim ``<experiment>.<name>`` and return it."""
-        c = Claim(f"{self.name}.{name}", text, theory, measured, bool(passed), tolerance, value)
+        """Record a claim ``<experiment>.<name>`` and return it.
+
+        ``could_fail_if`` is required: it names what this claim would catch (see
+        :class:`Claim`), and the report prints it beside the verdict.
+        """
+        if not could_fail_if.strip():
+            raise ValueError(f"claim {self.name}.{name}: could_fail_if must say what it catches")
+        c = Claim(
+            f"{self.name}.{name}",
+            text,
+            theory,
+            measured,
+            bool(passed),
+            tolerance,
+            could_fail_if,
+            value,
+        )
         self.claims.append(c)
         return c
 
@@ -176,6 +198,7 @@ class ExperimentResult:
             "profile": self.profile,
             "seed": self.seed,
             "seconds": self.seconds,
+            "cpu_seconds": self.cpu_seconds,
             "summary": self.summary,
             "numbers": jsonable(self.numbers),
             "claims": [c.to_json() for c in self.claims],
@@ -227,9 +250,12 @@ class Experiment:
 
     def __call__(self, ctx: Context) -> ExperimentResult:
         ctx.figures.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         result = self.run(ctx)
+        # Wall time depends on what else the machine runs; CPU time (all threads of this
+        # process) much less so: both are reported.
         result.seconds = time.perf_counter() - t0
+        result.cpu_seconds = time.process_time() - c0
         return result
 
 

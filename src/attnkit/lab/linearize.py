@@ -401,6 +401,11 @@ def _claims(
         measured=f"loss {base['loss']:.3f} nats, top-1 accuracy {base['accuracy']:.3f}",
         passed=h_tri - 0.05 <= base["loss"] < h_bi,
         tolerance="loss < H_bi (and not below the floor H_tri by more than 0.05: sampling noise)",
+        could_fail_if=(
+            "the teacher's attention cannot fetch the previous token (a causal mask shifted "
+            "by one, RoPE applied to the wrong axis, or a broken training loop): its loss "
+            "then stays at H_bi or above"
+        ),
         value=base["loss"],
     )
     ratios = {
@@ -416,6 +421,10 @@ def _claims(
         measured=", ".join(f"{k}: {v:.3f}" for k, v in ratios.items()),
         passed=bool(ratios) and all(v <= 0.75 for v in ratios.values()),
         tolerance="every ratio <= 0.75 (a map that does not learn stays at 1)",
+        could_fail_if=(
+            "the transfer loss does not reach the feature maps (gradients stopped, maps "
+            "frozen, or the loss compares the wrong layers' outputs): the ratio stays near 1"
+        ),
         value=max(ratios.values()) if ratios else None,
     )
     r = rows[best]
@@ -431,6 +440,11 @@ def _claims(
         ),
         passed=closed >= 0.5,
         tolerance="gap closed >= 50%",
+        could_fail_if=(
+            "conversion or distillation is broken (maps not trained, fine-tune not applied, "
+            "the converted model evaluated with the wrong attention): less than half of the "
+            "gap closes"
+        ),
         value=closed,
     )
     steps = s.transfer_steps + s.finetune_steps
@@ -445,6 +459,11 @@ def _claims(
         ),
         passed=r["after_finetune"]["loss"] < scratch["loss"],
         tolerance="strictly lower held-out loss",
+        could_fail_if=(
+            "the conversion discards what the teacher learned (projections re-initialised, "
+            "weights not copied, RoPE dropped): the distilled model is then no better than "
+            "one trained from scratch"
+        ),
         value=scratch["loss"] - r["after_finetune"]["loss"],
     )
     result.claim(
@@ -454,6 +473,10 @@ def _claims(
         measured=f"max |difference| = {equal_err:.2e} (3 sequences, prefill 4, then 1 by 1)",
         passed=equal_err <= 1e-4,
         tolerance="<= 1e-4",
+        could_fail_if=(
+            "the recurrent state is updated wrongly (a token counted twice or missed, wrong "
+            "decay order, padding entering the state, a wrong RoPE position at decode time)"
+        ),
         value=equal_err,
     )
     orig, conv = decode["original"], decode["converted"]
@@ -473,6 +496,10 @@ def _claims(
         ),
         passed=flat and abs(kv_ratio - want) < 1e-9 * want,
         tolerance="exact (byte counts)",
+        could_fail_if=(
+            "the converted model keeps a growing cache (keys/values still appended) or its "
+            "state grows; or the original's cache is not measured from its storage"
+        ),
         value=float(conv[0]["bytes"]),
     )
     t_ratio = conv[-1]["ms_per_token"] / conv[0]["ms_per_token"]
@@ -484,6 +511,10 @@ def _claims(
         measured=f"converted x{t_ratio:.2f}, original x{o_ratio:.2f}",
         passed=t_ratio <= 1.5,
         tolerance="converted ratio <= 1.5 (timing noise on a shared CPU)",
+        could_fail_if=(
+            "decoding re-reads the whole context each token (e.g. recomputing the parallel "
+            "form or attending over a cache): time then grows with n"
+        ),
         value=t_ratio,
     )
 

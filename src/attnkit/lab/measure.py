@@ -7,6 +7,12 @@
 - :func:`peak_allocated` runs a call under the profiler and replays its allocations
   and frees in time order: the peak of extra memory the call held (CPU or CUDA).
 - :func:`fit_offset_rate` fits t = t0 + x / rate by least squares on relative error.
+- :func:`central_differences` differentiates a scalar function numerically (float64),
+  independently of autograd: what the gradient claims compare autograd against.
+- :func:`held_bytes` adds up the storages of every tensor an object holds (a cache, a
+  state): the bytes actually allocated, not what the object says it holds.
+- :func:`saved_tensor_bytes`: the storages autograd keeps between a forward and its
+  backward (the training memory of a call), seen through saved-tensor hooks.
 """
 
 from __future__ import annotations
@@ -15,15 +21,24 @@ import contextlib
 import math
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
+from torch import Tensor
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-__all__ = ["ByteCounter", "count_bytes", "fit_offset_rate", "peak_allocated"]
+__all__ = [
+    "ByteCounter",
+    "central_differences",
+    "count_bytes",
+    "fit_offset_rate",
+    "held_bytes",
+    "peak_allocated",
+    "saved_tensor_bytes",
+]
 
 _VIEW_LIKE = {torch.ops.aten._unsafe_view.default}
 
@@ -151,3 +166,80 @@ def fit_offset_rate(xs: Sequence[float], ts: Sequence[float]) -> tuple[float, fl
     if t0 < 0 or inv_rate <= 0:
         t0, inv_rate = 0.0, b2 / s22
     return t0, (1.0 / inv_rate if inv_rate > 0 else math.inf)
+
+
+def central_differences(fn: Callable[[Tensor], Tensor], x: Tensor, step: float) -> Tensor:
+    """d fn / dx by central differences, one coordinate at a time: [*x.shape].
+
+    ``fn`` maps a tensor shaped like ``x`` to a scalar tensor; each coordinate is
+    moved by +-``step`` (x is not modified). Autograd plays no part, so a hand-written
+    backward can be checked against it. The error is O(step^2) for a smooth ``fn``; a
+    piecewise-constant ``fn`` gives exactly 0 unless the move crosses a jump.
+    """
+    base = x.detach()
+    flat = base.reshape(-1)
+    grad = torch.empty(flat.numel(), dtype=torch.float64)
+    with torch.no_grad():
+        for i in range(flat.numel()):
+            plus, minus = flat.clone(), flat.clone()
+            plus[i] += step
+            minus[i] -= step
+            up = float(fn(plus.view_as(base)))
+            down = float(fn(minus.view_as(base)))
+            grad[i] = (up - down) / (2 * step)
+    return grad.view(base.shape)
+
+
+def _tensors(obj: Any, seen: set[int]) -> Iterator[Tensor]:
+    """Every tensor reachable from ``obj`` through attributes, mappings and sequences."""
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, Mapping):
+        for value in obj.values():
+            yield from _tensors(value, seen)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            yield from _tensors(value, seen)
+    elif hasattr(obj, "__dict__") and not isinstance(obj, (type, torch.nn.Module)):
+        for value in vars(obj).values():
+            yield from _tensors(value, seen)
+
+
+def held_bytes(obj: Any) -> int:
+    """Bytes of the distinct storages of every tensor ``obj`` holds (each storage once).
+
+    ``untyped_storage().nbytes()`` of what is actually allocated: spare capacity counts,
+    and two views of one buffer count once. It reads the object's attributes, not its
+    own account of its size (e.g. ``KVCache.nbytes``, which is a formula). Modules are
+    not entered (a cache does not own the model's weights).
+    """
+    storages: dict[tuple[str, int], int] = {}
+    for t in _tensors(obj, set()):
+        s = t.untyped_storage()
+        storages[(str(t.device), s.data_ptr())] = s.nbytes()
+    return sum(storages.values())
+
+
+def saved_tensor_bytes(fn: Callable[[], object]) -> int:
+    """Bytes of the distinct storages autograd saves for backward while ``fn`` runs.
+
+    Every tensor saved through ``torch.autograd.graph.saved_tensors_hooks`` (which sees
+    custom Functions' ``save_for_backward`` too), each storage counted once; inputs
+    count when they are saved. Exact and allocator-independent (torch's CPU allocations
+    are invisible to tracemalloc, and an op's own temporaries to the profiler): the
+    memory a training step holds between its forward and backward passes.
+    """
+    storages: dict[tuple[str, int], int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        s = t.untyped_storage()
+        storages[(str(t.device), s.data_ptr())] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(storages.values())

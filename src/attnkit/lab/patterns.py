@@ -601,6 +601,12 @@ def _induction_claims(
             passed=hf["induction"] > 0.5 and h0["induction"] < 0.1,
             tolerance="0.5: the head puts most of its weight on the one right key; 0.1: "
             "well above the uniform head's share",
+            could_fail_if=(
+                "the induction score is computed at the wrong offset (i - T instead of i - T + "
+                "1), the captured weights are not the model's, or the model cannot form the "
+                "circuit (a causal mask that hides the earlier copy): the score then stays near "
+                "uniform"
+            ),
             value=hf["induction"],
         )
         result.claim(
@@ -617,6 +623,10 @@ def _induction_claims(
             passed=hf["previous"] > 0.4 and h0["previous"] < 0.2,
             tolerance="0.4: the largest single share of a row; the rest stays on the "
             "current and nearby tokens",
+            could_fail_if=(
+                "the previous-token score reads the wrong diagonal (the token itself or i - 2), "
+                "or layer 1's weights are not captured: the score stays near uniform"
+            ),
             value=hf["previous"],
         )
         loss_step = formation_step(soft["history"], "copy2_loss", plateau / 2)
@@ -640,6 +650,11 @@ def _induction_claims(
             passed=gap is not None and gap <= window,
             tolerance=f"within {window} steps (two measurement intervals); fails if either "
             "never happens",
+            could_fail_if=(
+                "the loss drop and the head are unrelated (the model memorises positions "
+                "instead, as with a fixed period) or either never happens: the two steps then "
+                "differ by more than two measurements"
+            ),
             value=None if gap is None else float(gap),
         )
         abl = soft["ablations"]
@@ -667,6 +682,11 @@ def _induction_claims(
             and all(o < worst["copy2_loss"] for o in others),
             tolerance="the trained model is below half the plateau, and the top "
             "previous-token head is the most damaging ablation and puts the loss back above it",
+            could_fail_if=(
+                "the ablation does not zero the head it names (wrong head index or layer), or "
+                "the induction does not read layer 1's previous-token head: the loss then does "
+                "not return above the plateau for that head"
+            ),
             value=worst["copy2_loss"],
         )
         result.claim(
@@ -682,6 +702,11 @@ def _induction_claims(
             ),
             passed=hf["copy2_loss"] < 0.1 and hf["copy1_loss"] > 0.8 * plateau,
             tolerance="0.1 nats: the right token with probability > 0.9",
+            could_fail_if=(
+                "the model leaks the target (a non-causal mask lets it see the next token: then "
+                "the first copy is predicted too) or does not learn in context (the second copy "
+                "stays near the guessing loss)"
+            ),
             value=hf["copy2_loss"],
         )
     elu, taylor = runs.get("linear elu"), runs.get("Taylor")
@@ -700,6 +725,11 @@ def _induction_claims(
             ),
             passed=ef["induction"] < 0.5 and ef["copy2_loss"] > 10 * soft["final"]["copy2_loss"],
             tolerance="the softmax thresholds above; same steps, data and initial weights",
+            could_fail_if=(
+                "the 'linear' variant secretly runs softmax (a backend mix-up) or the softmax "
+                "run is broken (then its threshold is not met): the elu model would then match "
+                "softmax"
+            ),
             value=ef["induction"],
         )
     if elu is not None and taylor is not None:
@@ -715,6 +745,10 @@ def _induction_claims(
             ),
             passed=tf["copy2_loss"] < ef["copy2_loss"] and tf["induction"] > ef["induction"],
             tolerance="strict, both (same steps, data and initial weights)",
+            could_fail_if=(
+                "the Taylor map is not the 2nd-order expansion of exp (wrong coefficients or a "
+                "missing 1/sqrt(D) scale) or the variants share weights/budgets unequally"
+            ),
             value=ef["copy2_loss"] - tf["copy2_loss"],
         )
 
@@ -739,6 +773,11 @@ def _encoder_claims(result: ExperimentResult, s: PatternSettings, enc: dict[str,
         ),
         passed=ok,
         tolerance="0.4, as for the causal previous-token head",
+        could_fail_if=(
+            "the previous/next scores read the wrong diagonals, the encoder is causally "
+            "masked (no next-token head can form), or the captured weights are not the "
+            "model's"
+        ),
         value=min(v[2] for v in found.values()),
     )
     n, h, value = enc["final"].best("delimiter")

@@ -5,9 +5,10 @@ display; :func:`write_report` writes
 
 - ``<out>/figures/*.png``: every figure (written by the experiments);
 - ``<out>/index.html``: self-contained (the PNGs are embedded as base64): environment,
-  a table of every claim with its verdict, one section per experiment (summary,
-  notes, figures each with its explanation, claims), and a closing note listing each
-  claim with its measured figure and the wall time;
+  a table of every claim with its verdict and what wrong implementation it would
+  catch, one section per experiment (summary, notes, figures each with its
+  explanation, claims), and a closing note listing each claim with its measured
+  figure and what could make it fail, then the wall and CPU time;
 - ``<out>/results.json``: the same numbers, seeds, versions, CPU, threads, profile and
   durations, for machines.
 
@@ -90,6 +91,7 @@ class LabRun:
     started: str  # ISO time
     results: list[ExperimentResult] = field(default_factory=list)
     seconds: float = 0.0
+    cpu_seconds: float = 0.0
     environment: dict[str, Any] = field(default_factory=dict)
     command: str = ""
 
@@ -146,7 +148,7 @@ def run_experiments(
         environment=environment(),
         command=command,
     )
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with _progress(console, show_progress) as bar:
 
         def hook(description: str, total: int) -> Callable[[int], None]:
@@ -168,9 +170,10 @@ def run_experiments(
                 colour = "green" if result.passed else "yellow"
                 console.print(
                     f"[{colour}]{name}[/]: {ok}/{len(result.claims)} claims pass "
-                    f"({result.seconds:.1f} s)"
+                    f"({result.seconds:.1f} s, {result.cpu_seconds:.1f} s CPU)"
                 )
     run.seconds = time.perf_counter() - t0
+    run.cpu_seconds = time.process_time() - c0
     return run
 
 
@@ -187,9 +190,11 @@ def to_json(run: LabRun, out: Path) -> dict[str, Any]:
             "profile": run.profile,
             "started": run.started,
             "seconds": run.seconds,
+            "cpu_seconds": run.cpu_seconds,
             "environment": run.environment,
             "seeds": {r.name: r.seed for r in run.results},
             "durations": {r.name: r.seconds for r in run.results},
+            "cpu_durations": {r.name: r.cpu_seconds for r in run.results},
             "claims": {
                 "total": len(claims),
                 "passed": run.passed,
@@ -228,13 +233,14 @@ def _e(x: object) -> str:
 def _claims_table(claims: Sequence[Any], with_experiment: bool = False) -> str:
     head = "<tr>" + ("<th>experiment</th>" if with_experiment else "")
     head += "<th>claim</th><th>theory predicts</th><th>measured</th><th>tolerance</th>"
-    head += "<th>verdict</th></tr>"
+    head += "<th>could fail if</th><th>verdict</th></tr>"
     rows = []
     for c in claims:
         exp = f"<td>{_e(c.id.split('.')[0])}</td>" if with_experiment else ""
         rows.append(
             f"<tr>{exp}<td>{_e(c.text)}</td><td>{_e(c.theory)}</td><td>{_e(c.measured)}</td>"
-            f"<td>{_e(c.tolerance)}</td><td class='{c.verdict}'>{c.verdict.upper()}</td></tr>"
+            f"<td>{_e(c.tolerance)}</td><td>{_e(c.could_fail_if)}</td>"
+            f"<td class='{c.verdict}'>{c.verdict.upper()}</td></tr>"
         )
     return f"<table>{head}{''.join(rows)}</table>"
 
@@ -259,7 +265,8 @@ def to_html(run: LabRun) -> str:
         f"<title>attnkit lab report ({_e(run.profile)})</title><style>{_CSS}</style></head><body>",
         "<h1>attnkit lab: the theory of attention, reproduced on this machine</h1>",
         f"<p class='meta'>Profile <b>{_e(run.profile)}</b> · started {_e(run.started)} · "
-        f"wall time <b>{run.seconds:.1f} s</b> · attnkit {_e(env.get('attnkit'))} · torch "
+        f"wall time <b>{run.seconds:.1f} s</b> ({run.cpu_seconds:.1f} s CPU) · attnkit "
+        f"{_e(env.get('attnkit'))} · torch "
         f"{_e(env.get('torch'))} · Python {_e(env.get('python'))} · CPU {_e(env.get('cpu'))} "
         f"({_e(env.get('cpu_count'))} cores visible, {_e(env.get('torch_threads'))} torch "
         f"threads) · {_e(env.get('platform'))}</p>",
@@ -272,7 +279,10 @@ def to_html(run: LabRun) -> str:
     parts.append(_claims_table(claims, with_experiment=True))
     for r in run.results:
         parts.append(f"<h2 id='{_e(r.name)}'>{_e(r.name)}: {_e(r.title)}</h2>")
-        parts.append(f"<p>{_e(r.summary)}</p><p class='meta'>seed {r.seed} · {r.seconds:.1f} s</p>")
+        parts.append(
+            f"<p>{_e(r.summary)}</p><p class='meta'>seed {r.seed} · {r.seconds:.1f} s "
+            f"({r.cpu_seconds:.1f} s CPU)</p>"
+        )
         for note in r.notes:
             parts.append(f"<p class='note'>{_e(note)}</p>")
         for fig in r.figures:
@@ -290,12 +300,16 @@ def to_html(run: LabRun) -> str:
     for c in claims:
         parts.append(
             f"<li><b>{_e(c.verdict.upper())}</b> <code>{_e(c.id)}</code>: {_e(c.text)}. "
-            f"Measured: {_e(c.measured)} (theory: {_e(c.theory)}).</li>"
+            f"Measured: {_e(c.measured)} (theory: {_e(c.theory)}). "
+            f"Could fail if {_e(c.could_fail_if)}.</li>"
         )
     parts.append(
         f"</ul><p>Wall time of this {_e(run.profile)} run: <b>{run.seconds:.1f} s</b> ("
         + ", ".join(f"{_e(r.name)} {r.seconds:.1f} s" for r in run.results)
-        + ").</p></body></html>\n"
+        + f"); CPU time of this process, all threads: {run.cpu_seconds:.1f} s ("
+        + ", ".join(f"{_e(r.name)} {r.cpu_seconds:.1f} s" for r in run.results)
+        + "). On a machine shared with other work the wall time grows; the CPU time "
+        "much less.</p></body></html>\n"
     )
     return "".join(parts)
 

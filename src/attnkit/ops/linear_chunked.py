@@ -40,6 +40,13 @@ Backward, for o'_i = phi(q_i)^T S'_i with S'_i = S'_0 + sum_{j <= i} phi(k_j) v'
 i.e. the gradient is causal linear attention run backwards in time, chunked the
 same way (intra-chunk masked matmuls, inter-chunk reverse running state R), over
 the tiles in reverse order.
+
+Its four products, per chunk, are declared below as :class:`~attnkit._contract.Contraction`
+records (:data:`CONTRACTIONS`), which :mod:`attnkit.cost` reads; the backward runs
+exactly one product of the same size per operand that needs a gradient, plus the
+chunk states and the scores again (recomputed). One bmm product per chunk, whatever
+the tile plan (see :func:`_bmm_neighbour`), so FlopCounterMode's count of this path
+equals the cost model's at every plan.
 """
 
 from __future__ import annotations
@@ -54,10 +61,53 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
+from attnkit._contract import Contraction
 from attnkit.feature_maps import FeatureMap
 from attnkit.ops._guards import check_feature_shape, check_linear_denominator, finish
 
-__all__ = ["CPU_TILE_BYTES", "TilePlan", "causal_linear_attention", "plan_tiles"]
+__all__ = [
+    "CONTRACTIONS",
+    "CPU_TILE_BYTES",
+    "TilePlan",
+    "causal_linear_attention",
+    "plan_tiles",
+]
+
+# The bmm products of one tile, over every chunk x of every key/value head (B Hk L/C
+# chunks in all): G query heads' rows stacked per chunk (r: G C rows), values augmented
+# with a ones column (m: Ev + 1; the extra column computes the denominator).
+_TILE = {"x": "B*Hk*L/C", "c": "C", "r": "H/Hk*C", "d": "Dp", "m": "Ev + 1"}
+_ONES = {"m": "Ev"}  # useful: the numerator's Ev columns
+
+
+def _sizes(indices: str) -> dict[str, str]:
+    return {i: _TILE[i] for i in indices}
+
+
+#: phi(K_c)^T V'_c, each chunk's state: [x, C, D'] . [x, C, M'] -> [x, D', M']
+CHUNK_STATES = Contraction(
+    "chunk_states", "xcd,xcm->xdm", ("fk", "va"), "kv", _sizes("xcdm"), useful=_ONES
+)
+#: phi(Q_c) S'_{c-1}, the inter-chunk term: [x, G C, D'] . [x, D', M'] -> [x, G C, M']
+CHUNK_INTER = Contraction(
+    "chunk_inter", "xrd,xdm->xrm", ("fq", "S_prev"), "o_inter", _sizes("xrdm"), useful=_ONES
+)
+#: phi(Q_c) phi(K_c)^T, then masked causally: [x, G C, D'] . [x, C, D'] -> [x, G C, C]
+CHUNK_SCORES = Contraction(
+    "chunk_scores", "xrd,xcd->xrc", ("fq", "fk"), "A_raw", _sizes("xrcd"), triangle=("r", "c")
+)
+#: tril(A) V'_c, the intra-chunk term: [x, G C, C] . [x, C, M'] -> [x, G C, M']
+CHUNK_INTRA = Contraction(
+    "chunk_intra",
+    "xrc,xcm->xrm",
+    ("A", "va"),
+    "o_intra",
+    _sizes("xrcm"),
+    useful=_ONES,
+    triangle=("r", "c"),
+)
+#: The fast path's products, in the order its forward runs them.
+CONTRACTIONS: tuple[Contraction, ...] = (CHUNK_STATES, CHUNK_INTER, CHUNK_SCORES, CHUNK_INTRA)
 
 #: Working-set budget of one tile on a CPU, a fraction of the last-level cache (32 MiB
 #: on the 2-core reference machine). ``python benchmarks/tile_budget.py`` there, four
@@ -256,19 +306,32 @@ def _bmm_neighbour(a: Tensor, b: Tensor, edge: Tensor, reverse: bool) -> Tensor:
     a [h n, X, Y], b [h n, Y, Z], edge [h, Y, Z] -> [h n, X, Z]. A head's first (last)
     chunk has no neighbour in b and takes ``edge`` (the state entering the tile, or
     the reverse state leaving it) instead. One bmm over the flattened batch shifted
-    by one chunk: the pairs that straddle two heads are computed and then
-    overwritten by the edge products, so no shifted copy of b is ever made.
+    by one chunk, with no shifted copy of b: the pairs that straddle two heads read
+    the next head's edge, swapped into b's neighbouring slot for the call and swapped
+    back after, so every product computed is one the result needs (h n in all; the
+    cost model counts exactly that). Only the very first (last) chunk's edge product
+    is a separate bmm. b is restored bit for bit before returning.
     """
     h = edge.shape[0]
-    hn, X, Y = a.shape
+    hn, X, _ = a.shape
+    n = hn // h
     out = a.new_empty((hn, X, b.shape[-1]))
+    bh = b.view(h, n, *b.shape[1:])
+    if reverse:  # head i's last chunk reads head i + 1's first slot: put edge[i] there
+        slots, edges, lone = bh[1:, 0], edge[:-1], -1
+    else:  # head i's first chunk reads head i - 1's last slot: put edge[i] there
+        slots, edges, lone = bh[:-1, -1], edge[1:], 0
     if hn > 1:
+        kept = slots.clone() if h > 1 else None
+        if kept is not None:
+            slots.copy_(edges)
         if reverse:
             torch.bmm(a[:-1], b[1:], out=out[:-1])
         else:
             torch.bmm(a[1:], b[:-1], out=out[1:])
-    end = -1 if reverse else 0
-    out.view(h, hn // h, X, -1)[:, end] = torch.bmm(a.view(h, hn // h, X, Y)[:, end], edge)
+        if kept is not None:
+            slots.copy_(kept)
+    out[lone] = a[lone] @ edge[lone]
     return out
 
 
