@@ -90,6 +90,7 @@ register(
                 ("scaled",),
                 "weights",
                 5,
+                over="scaled",
                 saves=("weights",),
                 backward_flops_per_element=4,
             ),
