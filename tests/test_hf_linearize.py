@@ -103,7 +103,11 @@ def _decode(model, ids, splits, mask=None, pos=None):
         if mask is not None:
             kw["attention_mask"] = mask[:, : start + n]
             kw["position_ids"] = pos[:, start : start + n]
-        out.append(model(ids[:, start : start + n], cache=cache, use_cache=True, **kw).logits)
+        out.append(
+            model(
+                ids[:, start : start + n], use_cache=True, **ah.cache_kwargs(model, cache), **kw
+            ).logits
+        )
         start += n
     return torch.cat(out, dim=1), cache
 
@@ -197,7 +201,7 @@ def test_decode_memory_is_constant_and_the_original_grows() -> None:
         for n in (8, 32):
             cache = DynamicCache(config=model.config)
             with torch.no_grad():
-                model(torch.randint(1, V, (1, n)), cache=cache, use_cache=True)
+                model(torch.randint(1, V, (1, n)), use_cache=True, **ah.cache_kwargs(model, cache))
             sizes[name].append(ah.state_bytes(cache))
     # Hk * D' * (Dv + 1) fp32 per layer: 2 heads, D' = 2 * 8 (Hedgehog), Dv = 8, 2 layers.
     assert sizes["converted"] == [2 * 2 * 16 * 9 * 4] * 2
@@ -214,7 +218,7 @@ def test_state_layer_refuses_keys_crop_and_a_used_kv_cache() -> None:
     cache = DynamicCache(config=model.config)
     cache.update(torch.zeros(1, 2, 3, 8), torch.zeros(1, 2, 3, 8), 0)
     with pytest.raises(ValueError, match="already holds 3 tokens"):
-        model(torch.randint(1, V, (1, 2)), cache=cache, use_cache=True)
+        model(torch.randint(1, V, (1, 2)), use_cache=True, **ah.cache_kwargs(model, cache))
 
 
 def test_beam_search_reorders_the_state() -> None:

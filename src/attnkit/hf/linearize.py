@@ -40,6 +40,7 @@ to its whole prefix through its state.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import sys
@@ -68,6 +69,7 @@ __all__ = [
     "LinearizeSpec",
     "LinearizedAttention",
     "attention_mode",
+    "cache_kwargs",
     "is_linearized",
     "linearize",
     "linearized_modules",
@@ -236,6 +238,24 @@ def state_bytes(cache: Any) -> int:
                 st = t.untyped_storage()
                 storages[st.data_ptr()] = st.nbytes()
     return sum(storages.values())
+
+
+def cache_kwargs(model: nn.Module, cache: Any) -> dict[str, Any]:
+    """``{name: cache}`` for ``model(...)``: the keyword its forward takes a cache by.
+
+    transformers renamed ``past_key_values`` to ``cache`` in 5.24; a cache passed under the
+    other name would reach the attention layers through ``**kwargs`` while the model counts
+    positions from an empty cache of its own (wrong RoPE positions, silently). Usage:
+    ``model(ids, use_cache=True, **cache_kwargs(model, cache))``.
+    """
+    params = inspect.signature(type(model).forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return {name: cache}
+    raise TypeError(
+        f"{type(model).__name__}.forward takes neither `cache` nor `past_key_values`; "
+        f"its parameters are {list(params)}"
+    )
 
 
 # --------------------------------------------------------------------------------------

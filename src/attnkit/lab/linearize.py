@@ -331,11 +331,15 @@ def _label(fmap: str, decay: bool) -> str:
 def _decode_error(model: Any, ids: Tensor) -> float:
     from transformers import DynamicCache
 
+    from attnkit.hf import cache_kwargs
+
     par = model(input_ids=ids, use_cache=False).logits
     cache = DynamicCache(config=model.config)
-    steps = [model(input_ids=ids[:, :4], cache=cache, use_cache=True).logits]
+    steps = [model(input_ids=ids[:, :4], use_cache=True, **cache_kwargs(model, cache)).logits]
     for t in range(4, ids.shape[1]):
-        steps.append(model(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True).logits)
+        steps.append(
+            model(input_ids=ids[:, t : t + 1], use_cache=True, **cache_kwargs(model, cache)).logits
+        )
     return float((torch.cat(steps, dim=1) - par).abs().max())
 
 
@@ -346,7 +350,7 @@ def _decode_bench(
     """Per-token decode time (fastest of ``decode_tokens``) and cache bytes after n tokens."""
     from transformers import DynamicCache
 
-    from attnkit.hf import state_bytes
+    from attnkit.hf import cache_kwargs, state_bytes
 
     out: dict[str, Any] = {"contexts": list(s.contexts), "original": [], "converted": []}
     for name, model in (("original", teacher), ("converted", converted)):
@@ -354,7 +358,7 @@ def _decode_bench(
         for n in s.contexts:
             seq = lang.sample(1, n + s.decode_tokens, torch.Generator().manual_seed(SEED + n))
             cache = DynamicCache(config=model.config)
-            model(input_ids=seq[:, :n], cache=cache, use_cache=True)
+            model(input_ids=seq[:, :n], use_cache=True, **cache_kwargs(model, cache))
             caches.append(cache)
             ids.append(seq)
         # Round-robin over the contexts, one token each per round: a load change on a shared
@@ -363,7 +367,11 @@ def _decode_bench(
         for r in range(s.decode_tokens):
             for i, n in enumerate(s.contexts):
                 t0 = time.perf_counter()
-                model(input_ids=ids[i][:, n + r : n + r + 1], cache=caches[i], use_cache=True)
+                model(
+                    input_ids=ids[i][:, n + r : n + r + 1],
+                    use_cache=True,
+                    **cache_kwargs(model, caches[i]),
+                )
                 times[i].append(time.perf_counter() - t0)
         for i, n in enumerate(s.contexts):
             out[name].append(
