@@ -11,7 +11,7 @@ if [ ! -f "$DOCS_STAMP" ] || [ "$(cat "$DOCS_STAMP")" != "$WANT" ]; then
   echo "$WANT" > "$DOCS_STAMP"
 fi
 echo "[attnkit] sphinx html -> docs/_build/html" >&2
-python -m sphinx -W --keep-going -n -q -b html docs docs/_build/html "$@"
+python -m sphinx -W --keep-going -q -b html docs docs/_build/html "$@"
 echo "[attnkit] sphinx doctest (every example in the docs runs)" >&2
-python -m sphinx -W --keep-going -n -q -b doctest docs docs/_build/doctest "$@"
+python -m sphinx -W --keep-going -q -b doctest docs docs/_build/doctest "$@"
 echo "[attnkit] docs built: docs/_build/html/index.html" >&2

@@ -345,6 +345,7 @@ def shard_bounds(length: int, world_size: int, rank: int) -> tuple[int, int]:
     The first ``length % world_size`` ranks get one token more than the others, so
     shard lengths differ by at most one (and may be 0 when length < world_size).
 
+    >>> from attnkit.distributed import shard_bounds
     >>> [shard_bounds(10, 4, r) for r in range(4)]
     [(0, 3), (3, 6), (6, 8), (8, 10)]
     """

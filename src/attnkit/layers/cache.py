@@ -60,6 +60,8 @@ class KVCache:
         update(k [B, Hk, L, d_k], v [B, Hk, L, d_v]) -> (k [B, Hk, n, d_k], v [B, Hk, n, d_v])
         buffers [B, Hk, capacity, d_k] and [B, Hk, capacity, d_v]
 
+    >>> import torch
+    >>> from attnkit.layers.cache import KVCache
     >>> cache = KVCache(batch=2, n_kv_heads=1, d_k=4, d_v=8)
     >>> k, v = cache.update(torch.zeros(2, 1, 3, 4), torch.zeros(2, 1, 3, 8))
     >>> tuple(k.shape), tuple(v.shape), cache.seq_len, cache.nbytes
