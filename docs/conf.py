@@ -16,7 +16,7 @@ sys.path.insert(0, str(HERE / "_ext"))
 
 project = "attnkit"
 author = "attnkit contributors"
-copyright = "attnkit contributors"  # noqa: A001 (Sphinx's name)
+copyright = "attnkit contributors"
 
 extensions = [
     "myst_parser",
@@ -50,11 +50,17 @@ autodoc_preserve_defaults = True
 # Nitpicky (-n): every cross-reference into attnkit must resolve. Names from other
 # packages have no inventory offline (the build fetches nothing), so they are let through.
 nitpick_ignore_regex = [
-    ("py:.*", r"(torch|collections|typing|typing_extensions|numpy|np|sympy|rich|typer"
-     r"|transformers|peft|matplotlib|pathlib|os|io|enum|dataclasses|types|builtins|abc"
-     r"|contextlib|argparse|json|random)(\..*)?"),
-    ("py:class", r"(Tensor|Path|Module|Generator|Callable|Iterator|Iterable|Sequence|Mapping"
-     r"|Any|Literal|Self|nn\..*|torch\..*|PreTrainedModel|PretrainedConfig)"),
+    (
+        "py:.*",
+        r"(torch|collections|typing|typing_extensions|numpy|np|sympy|rich|typer"
+        r"|transformers|peft|matplotlib|pathlib|os|io|enum|dataclasses|types|builtins|abc"
+        r"|contextlib|argparse|json|random)(\..*)?",
+    ),
+    (
+        "py:class",
+        r"(Tensor|Path|Module|Generator|Callable|Iterator|Iterable|Sequence|Mapping"
+        r"|Any|Literal|Self|nn\..*|torch\..*|PreTrainedModel|PretrainedConfig)",
+    ),
 ]
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False

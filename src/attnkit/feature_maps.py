@@ -383,7 +383,7 @@ class Polynomial(PowerSeries):
         out_dim(D) = C(D + p, p)        for c > 0
                    = C(D + p - 1, p)    for c = 0 (only the degree-p block is left)
 
-    For p = 2, c = 1 (DESIGN.md's quadratic kernel) this is, up to the order of the
+    For p = 2, c = 1 (the quadratic kernel (q.k + 1)^2) this is, up to the order of the
     features, [1, sqrt(2) x_i, x_i^2, sqrt(2) x_i x_j (i < j)] of width
     1 + D + D(D+1)/2. Not ``positive``: (q.k + c)^p can be 0 (and < 0 for odd p), so
     linear attention needs a denominator guard.

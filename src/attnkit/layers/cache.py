@@ -5,7 +5,7 @@
   capacity doubles when full, so appending a token is a slice write, not a
   ``torch.cat`` of the whole history. Only the Hk key/value heads are stored: with
   n_heads = h, MQA (Hk = 1) stores 1/h and GQA with g groups (Hk = g) g/h of MHA
-  (DESIGN.md, "Incremental decoding").
+  (Shazeer 2019; Ainslie et al. 2023).
 - :class:`LinearState` (linear backend): the recurrent state (S [B, Hk, D', d_v],
   z [B, Hk, D']) of causal linear attention, whose size does not depend on n.
 - :class:`DeltaState` (Gated DeltaNet / DeltaNet layers): the short convolution's
