@@ -1,4 +1,4 @@
-"""linear_attention and linear_attention_step (equation (6)).
+"""linear_attention and linear_attention_step (equation (6) of attnkit.ops.linear).
 
 Every form is pinned to the quadratic reference kernel_attention(sim="linear") and to
 each other (chunked == recurrent, split + state == one call): outputs, final states
@@ -94,7 +94,7 @@ SHAPES = [
 SHAPE_IDS = [shape_id(s) for s in SHAPES]
 
 
-# ------------------------------------------------------------------ linear == kernel (eq. 4)
+# ----------------------------------------------------------------- linear == kernel_attention
 
 
 @pytest.mark.parametrize("normalize", [True, False], ids=["norm", "unnorm"])

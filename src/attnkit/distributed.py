@@ -1,6 +1,6 @@
 r"""Sequence-parallel causal linear attention on ``torch.distributed`` (gloo or nccl).
 
-Causal linear attention (equation (6)) carries a fixed-size state from one token to the
+Causal linear attention (:mod:`attnkit.ops.linear`) carries a fixed-size state from one token to the
 next::
 
     S_i = sum_{j <= i} phi(K_j)^T V_j   [D', Ev],     z_i = sum_{j <= i} phi(K_j)   [D']
