@@ -57,7 +57,7 @@ Ideas that make it fast on a CPU (plain torch, so it runs on a GPU as one tile):
    from N=256 to 1024 (HF's chunked function under autograd: 71.8 KB), and forward +
    backward 2.56x faster than autograd through HF's function at N=4096.
 5. **Safe decays.** Every exponential is of a number <= 0: exp(G) and exp(G_C - G)
-   directly, Gamma with the upper triangle masked to -inf *before* the exp. For
+   directly, Gamma clamped at 0 *before* the exp (then lower-triangular). For
    per-channel gates (GLA, KDA) the scores sum_d x_id y_jd exp(G_id - G_jd) are not
    formed as (x * exp(G)) (y * exp(-G))^T, whose second factor overflows fp32 once a
    chunk's cumulative decay passes ~88 (C = 64 tokens at g = -1.4 each, or 5 tokens
@@ -175,15 +175,19 @@ def channel_scores(
 def scalar_gamma(Gc: Tensor, strict: bool = False) -> Tensor:
     """Gamma_ij = exp(G_i - G_j) for j <= i (j < i: ``strict``), else 0; Gc [N, C] -> [N, C, C].
 
-    The upper triangle (where G_i - G_j >= 0 could overflow) is set to -inf before the
-    exp; without autograd that is done in place on one buffer.
+    G is non-increasing (every g <= 0), so G_i - G_j <= 0 on the lower triangle and
+    >= 0 above it: clamping at 0 before the exp keeps every exponential <= 1 (the
+    upper triangle becomes exp(0) = 1) and ``tril`` then zeroes it. Clamp, exp and
+    tril run in place on one buffer without autograd; measured 0.27 ms against
+    0.76 ms for masking the upper triangle to -inf before the exp (64 chunks of 64,
+    1 thread, CPU time). The clamp's gradient passes at 0 (``clamp_max`` is
+    inclusive), so a run of g = 0 keeps its gradient.
     """
-    C = Gc.shape[-1]
-    upper = torch.ones(C, C, dtype=torch.bool, device=Gc.device).triu(0 if strict else 1)
     diff = Gc.unsqueeze(-1) - Gc.unsqueeze(-2)
+    diag = -1 if strict else 0
     if torch.is_grad_enabled():
-        return diff.masked_fill(upper, float("-inf")).exp()
-    return diff.masked_fill_(upper, float("-inf")).exp_()
+        return diff.clamp(max=0.0).exp().tril(diag)
+    return diff.clamp_(max=0.0).exp_().tril_(diag)
 
 
 class Prepared(NamedTuple):
@@ -479,9 +483,11 @@ class _Tile(NamedTuple):
 
 
 def _gather(src: Tensor, index: Tensor | None, h0: int, h1: int, t0: int, t1: int) -> Tensor:
+    """Rows h0:h1 of the state heads (through ``index``), tokens t0:t1 (slice first: the
+    gather copies only the tile's tokens)."""
     if index is None:
         return src[h0:h1, ..., t0:t1, :] if src.dim() == 4 else src[h0:h1, t0:t1]
-    return src.index_select(0, index[h0:h1])[..., t0:t1, :]
+    return src[..., t0:t1, :].index_select(0, index[h0:h1])
 
 
 def _tile_inputs(
