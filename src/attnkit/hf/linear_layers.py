@@ -49,7 +49,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnkit.layers.delta import expand_key_heads
 from attnkit.ops.conv import ACTIVATIONS, causal_conv1d, causal_conv1d_update
 from attnkit.ops.delta import delta_rule_attention, delta_rule_step
 
@@ -129,8 +128,8 @@ def _core(
 
     This is the one layout boundary: [B, T, H, D] <-> attnkit's [B, H, T, D] by
     transposed views. Each q/k head serves Hv / Hk consecutive value heads, as in
-    Qwen3-Next; a prefill expands q and k to the Hv heads once (one contiguous copy,
-    see :func:`attnkit.layers.delta.expand_key_heads`), a decoding step does not.
+    Qwen3-Next; the ops take that layout as it is (``enable_gqa=True``), no expanded copy
+    of q and k.
     """
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     gh, bh = g.transpose(1, 2), beta.transpose(1, 2)
@@ -140,16 +139,16 @@ def _core(
             qh, kh, vh, bh, gh, state=recurrent_state, use_qk_l2norm=True, enable_gqa=True
         )
     else:
-        Hv = v.shape[2]
         o, final = delta_rule_attention(
-            expand_key_heads(qh, Hv),
-            expand_key_heads(kh, Hv),
+            qh,
+            kh,
             vh,
             bh,
             gh,
             use_qk_l2norm=True,
             initial_state=recurrent_state,
             output_final_state=cache is not None,
+            enable_gqa=True,
         )
     if cache is not None and final is not None:
         cache.update_recurrent_state(final, module.layer_idx)
