@@ -51,6 +51,7 @@ from torch import Tensor, nn
 
 from attnkit.ops.conv import ACTIVATIONS, causal_conv1d, causal_conv1d_update
 from attnkit.ops.delta import delta_rule_attention, delta_rule_step
+from attnkit.ops.gated_common import acc_dtype
 
 __all__ = ["SUPPORTED", "accelerate", "accelerated", "is_accelerated", "restore"]
 
@@ -135,9 +136,27 @@ def _core(
     gh, bh = g.transpose(1, 2), beta.transpose(1, 2)
     final: Tensor | None
     if recurrent_state is not None and q.shape[1] == 1:
-        o, final = delta_rule_step(
-            qh, kh, vh, bh, gh, state=recurrent_state, use_qk_l2norm=True, enable_gqa=True
+        # HF's cache copies the new state into its own tensor anyway: update that in place
+        # (no fresh state per token, no copy), unless autograd could need the old one.
+        inplace = (
+            cache is not None
+            and recurrent_state.dtype == acc_dtype(q.dtype)
+            and not recurrent_state.requires_grad
+            and not torch.is_grad_enabled()
         )
+        o, final = delta_rule_step(
+            qh,
+            kh,
+            vh,
+            bh,
+            gh,
+            state=recurrent_state,
+            use_qk_l2norm=True,
+            enable_gqa=True,
+            inplace=inplace,
+        )
+        if inplace:
+            return o.transpose(1, 2)  # the cache's tensor now holds the new state
     else:
         o, final = delta_rule_attention(
             qh,
