@@ -12,8 +12,9 @@ interleaved repeats (medians; ratios are what to read on a shared machine):
      ``attnkit.ops.conv.causal_conv1d`` (each in the layout the model calls it with);
    - decoding one token after a ``--tokens`` context: ms per token of the whole model,
      and the per-token delta-rule step + conv update of one layer (HF's
-     ``torch_recurrent_gated_delta_rule`` + ``causal_conv1d_update`` vs
-     ``attnkit.delta_rule_step`` + ``attnkit.ops.conv.causal_conv1d_update``) x 3 layers.
+     ``torch_recurrent_gated_delta_rule`` + the copy of its new state into the cache +
+     ``causal_conv1d_update`` vs ``attnkit.delta_rule_step(inplace=True)`` +
+     ``attnkit.ops.conv.causal_conv1d_update``, as each model's layer runs them) x 3 layers.
 2. Llama (hidden 512, 8 heads, 2 key/value heads, 4 layers) prefill of ``--llama-tokens``
    tokens with ``attn_implementation="attnkit"`` vs ``"sdpa"``.
 

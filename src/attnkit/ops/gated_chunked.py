@@ -208,7 +208,8 @@ class Prepared(NamedTuple):
 class Kept(NamedTuple):
     """What :func:`prepare_backward` needs besides the inputs (delta rule, scalar gate or
     none): Gamma, K K^T Gamma, A = Diag(beta) K K^T Gamma, T, the right-hand side
-    [beta K exp(G), beta V], exp(G) and exp(G_C - G) (the last four None-free)."""
+    [beta K exp(G), beta V], exp(G) and exp(G_C - G) (Gamma and the exps: None without
+    a gate)."""
 
     gamma: Tensor | None  # [N, C, C] (None: no gate, Gamma = the lower triangle of ones)
     gg: Tensor  # [N, C, C]
