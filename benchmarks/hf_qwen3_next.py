@@ -168,12 +168,10 @@ def qwen_benchmarks(args: argparse.Namespace, rows: list[dict[str, Any]]) -> Non
         )
 
     def ak_chunk() -> object:
-        # as accelerate calls it: q, k expanded to the Hv value heads, the rest as views
-        r = Hv // Hk
+        # as accelerate calls it: transposed views, each q/k head serving Hv / Hk value heads
         o, _ = attnkit.delta_rule_attention(
-            q.transpose(1, 2).repeat_interleave(r, 1), k.transpose(1, 2).repeat_interleave(r, 1),
-            v.transpose(1, 2), beta.transpose(1, 2), g.transpose(1, 2),
-            use_qk_l2norm=True, output_final_state=True,
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), beta.transpose(1, 2),
+            g.transpose(1, 2), use_qk_l2norm=True, output_final_state=True, enable_gqa=True,
         )  # fmt: skip
         return o.transpose(1, 2)
 
