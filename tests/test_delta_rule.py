@@ -440,3 +440,52 @@ def test_training_memory_is_linear_in_length(gate: str | None) -> None:
         per_token.append(nbytes / L)
         assert nbytes <= 1.1 * inputs  # the inputs, plus a state per backward tile
     assert per_token[1] <= 1.05 * per_token[0]
+
+
+@pytest.mark.parametrize("G", [1, 3])
+@pytest.mark.parametrize("gate", [None, "scalar"])
+def test_hand_written_prepare_backward_equals_autograd(G: int, gate: str | None) -> None:
+    # The prepare step's hand-written backward against autograd through the same step,
+    # for random output gradients; beta has zeros and a gate of exactly 0 (clamp edge).
+    gen = torch.Generator().manual_seed(5)
+    N, C, D, M = 3, 8, 5, 4
+    f64 = torch.float64
+    qc = torch.randn(N, G * C, D, generator=gen, dtype=f64)
+    kc = torch.nn.functional.normalize(torch.randn(N, C, D, generator=gen, dtype=f64), dim=-1)
+    vc = torch.randn(N, C, M, generator=gen, dtype=f64)
+    bc = torch.rand(N, C, generator=gen, dtype=f64) * 2
+    bc[0, :3] = 0.0
+    gc = None if gate is None else -torch.rand(N, C, generator=gen, dtype=f64) * 2
+    if gc is not None:
+        gc[1, 2:5] = 0.0
+    inputs = [t for t in (qc, kc, vc, gc, bc) if t is not None]
+    with torch.no_grad():
+        prep, kept = gated_chunked.prepare_kept(qc, kc, vc, gc, bc, G, 0.7, False)
+    assert kept is not None and gated_chunked.hand_backward(gc, bc)
+    d = gated_chunked.Prepared(
+        *(None if t is None else torch.randn(t.shape, generator=gen, dtype=f64) for t in prep)
+    )
+    got = gated_chunked.prepare_backward(qc, kc, vc, bc, G, 0.7, prep, kept, d)
+    leaves = [t.clone().requires_grad_(True) for t in inputs]
+    lq, lk, lv = leaves[:3]
+    lg = None if gc is None else leaves[3]
+    with torch.enable_grad():
+        again = gated_chunked.prepare(lq, lk, lv, lg, leaves[-1], G, 0.7, False)
+        pairs = [(t, dt) for t, dt in zip(again, d, strict=True) if t is not None]
+        want = torch.autograd.grad([t for t, _ in pairs], leaves, [dt for _, dt in pairs])
+    got_list = [t for t in got if t is not None]
+    assert len(got_list) == len(want)
+    for a, b in zip(got_list, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def test_runs_of_zero_gates_keep_their_gradients() -> None:
+    # g = 0 exactly (no decay) puts G_i - G_j = 0 below the diagonal: the decay masks'
+    # clamp at 0 must pass the gradient there (an exclusive clamp would zero it)
+    inp = make_inputs(1, 2, 2, 2, 29, 5, 4, gate="scalar", beta_max=2.0)
+    g = inp.g.detach().clone()
+    g[:, :, 3:20] = 0.0
+    inp = inp._replace(g=g.requires_grad_(inp.g.requires_grad))
+    assert_same(
+        outputs_and_grads(fast(8), inp), outputs_and_grads(ref(), inp), atol=1e-10, rtol=1e-10
+    )

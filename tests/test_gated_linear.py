@@ -207,3 +207,16 @@ def test_inplace_step_updates_the_given_state(gate: str) -> None:
     assert S2 is state
     torch.testing.assert_close(o2, o, atol=0, rtol=0)
     torch.testing.assert_close(S2, S_new, atol=0, rtol=0)
+
+
+def test_runs_of_zero_gates_keep_their_gradients() -> None:
+    # g = 0 exactly puts G_i - G_j = 0 below the diagonal of the scalar decay masks,
+    # which are clamped at 0 under autograd here: the clamp must pass the gradient there
+    inp = make_inputs(1, 2, 2, 2, 29, 5, 4, gate="scalar")
+    assert inp.g is not None
+    g = inp.g.detach().clone()
+    g[:, :, 3:20] = 0.0
+    inp = inp._replace(g=g)
+    assert_same(
+        outputs_and_grads(fast(8), inp), outputs_and_grads(ref, inp), atol=1e-10, rtol=1e-10
+    )

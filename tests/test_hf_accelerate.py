@@ -173,6 +173,38 @@ def test_device_types_leaves_other_devices_on_the_layers_own_path(hf_kernels_rai
         model(input_ids=batch(False, T=5)[0])
 
 
+@pytest.mark.parametrize("name", ["qwen3_next", "qwen3_5"])
+def test_decoding_updates_the_cached_state_in_place(name: str) -> None:
+    # Each decoded token's logits and every layer's cached recurrent state equal the plain
+    # model's, and the accelerated layers write the state into the cache's own tensor
+    # (its address never changes): a step that left the cached state stale would fail.
+    model = build(name)
+    ids, _ = batch(False, T=9)
+
+    def run() -> tuple[list[torch.Tensor], list[torch.Tensor], list[list[int]]]:
+        logits, ptrs = [], []
+        with torch.no_grad():
+            out = model(input_ids=ids, use_cache=True)
+            cache = out.past_key_values
+            layers = [i for i, t in enumerate(cache.layers) if hasattr(t, "recurrent_states")]
+            for _ in range(4):
+                tok = out.logits[:, -1:].argmax(-1)
+                out = model(input_ids=tok, cache=cache, use_cache=True)
+                logits.append(out.logits)
+                ptrs.append([cache.get_recurrent_state(i).data_ptr() for i in layers])
+            states = [cache.get_recurrent_state(i).clone() for i in layers]
+        return logits, states, ptrs
+
+    ref_logits, ref_states, _ = run()
+    with attnkit.hf.accelerated(model):
+        logits, states, ptrs = run()
+    assert states and all(p == ptrs[0] for p in ptrs)
+    for a, b in zip(logits, ref_logits, strict=True):
+        relative_close(a, b, what="decoded logits")
+    for a, b in zip(states, ref_states, strict=True):
+        relative_close(a, b, what="cached recurrent state")
+
+
 def test_delta_rule_step_is_what_decoding_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = {"step": 0, "conv_update": 0}
     step, update = acc_module.delta_rule_step, acc_module.causal_conv1d_update

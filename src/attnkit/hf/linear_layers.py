@@ -49,9 +49,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnkit.layers.delta import expand_key_heads
 from attnkit.ops.conv import ACTIVATIONS, causal_conv1d, causal_conv1d_update
 from attnkit.ops.delta import delta_rule_attention, delta_rule_step
+from attnkit.ops.gated_common import acc_dtype
 
 __all__ = ["SUPPORTED", "accelerate", "accelerated", "is_accelerated", "restore"]
 
@@ -129,27 +129,45 @@ def _core(
 
     This is the one layout boundary: [B, T, H, D] <-> attnkit's [B, H, T, D] by
     transposed views. Each q/k head serves Hv / Hk consecutive value heads, as in
-    Qwen3-Next; a prefill expands q and k to the Hv heads once (one contiguous copy,
-    see :func:`attnkit.layers.delta.expand_key_heads`), a decoding step does not.
+    Qwen3-Next; the ops take that layout as it is (``enable_gqa=True``), no expanded copy
+    of q and k.
     """
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     gh, bh = g.transpose(1, 2), beta.transpose(1, 2)
     final: Tensor | None
     if recurrent_state is not None and q.shape[1] == 1:
-        o, final = delta_rule_step(
-            qh, kh, vh, bh, gh, state=recurrent_state, use_qk_l2norm=True, enable_gqa=True
+        # HF's cache copies the new state into its own tensor anyway: update that in place
+        # (no fresh state per token, no copy), unless autograd could need the old one.
+        inplace = (
+            cache is not None
+            and recurrent_state.dtype == acc_dtype(q.dtype)
+            and not recurrent_state.requires_grad
+            and not torch.is_grad_enabled()
         )
+        o, final = delta_rule_step(
+            qh,
+            kh,
+            vh,
+            bh,
+            gh,
+            state=recurrent_state,
+            use_qk_l2norm=True,
+            enable_gqa=True,
+            inplace=inplace,
+        )
+        if inplace:
+            return o.transpose(1, 2)  # the cache's tensor now holds the new state
     else:
-        Hv = v.shape[2]
         o, final = delta_rule_attention(
-            expand_key_heads(qh, Hv),
-            expand_key_heads(kh, Hv),
+            qh,
+            kh,
             vh,
             bh,
             gh,
             use_qk_l2norm=True,
             initial_state=recurrent_state,
             output_final_state=cache is not None,
+            enable_gqa=True,
         )
     if cache is not None and final is not None:
         cache.update_recurrent_state(final, module.layer_idx)

@@ -48,7 +48,7 @@ from attnkit.layers.cache import DeltaState
 from attnkit.ops.conv import causal_conv1d, causal_conv1d_update
 from attnkit.ops.delta import delta_rule_attention, delta_rule_step
 
-__all__ = ["MIXERS", "GatedDeltaNet", "expand_key_heads", "mixers"]
+__all__ = ["MIXERS", "GatedDeltaNet", "mixers"]
 
 
 class GatedDeltaNet(nn.Module):
@@ -223,8 +223,8 @@ class GatedDeltaNet(nn.Module):
             )
         else:
             o, final = delta_rule_attention(
-                expand_key_heads(q, self.n_heads),
-                expand_key_heads(k, self.n_heads),
+                q,
+                k,
                 v,
                 beta,
                 gh,
@@ -242,17 +242,6 @@ class GatedDeltaNet(nn.Module):
             o = o * F.silu(self.z_proj(x).view(B, L, -1, Dv))
         out: Tensor = self.out_proj(o.reshape(B, L, vd))
         return out
-
-
-def expand_key_heads(x: Tensor, n_heads: int) -> Tensor:
-    """q or k [B, Hk, L, D] -> [B, Hv, L, D] (contiguous), each head repeated Hv / Hk times.
-
-    The delta-rule op accepts grouped value heads itself, but its chunked path gathers
-    the shared q/k heads chunk by chunk: one expansion up front was 2.5x faster in CPU
-    time at L = 4096, Hk = 8, Hv = 16, D = 128 (1 thread). Decoding steps need none.
-    """
-    r = n_heads // x.shape[1]
-    return x if r == 1 else x.repeat_interleave(r, dim=1)
 
 
 def _gated(d_model: int, n_heads: int, n_key_heads: int | None, **options: Any) -> GatedDeltaNet:

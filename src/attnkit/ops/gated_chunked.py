@@ -29,35 +29,44 @@ Ideas that make it fast on a CPU (plain torch, so it runs on a GPU as one tile):
    tile at once); for decay attention not even that: the chunk states
    Kt_c^T V_c are one bmm and the loop is a decayed in-place scan. Measured against
    HF's ``torch_chunk_gated_delta_rule``, which runs its whole inter-chunk part
-   chunk by chunk: 2.07x faster at B=1, H=16, D=M=128, N=4096 and 2.05x at N=16384
-   (1 thread, CPU time; ``python benchmarks/gated_cpu_time.py``).
+   chunk by chunk: 2.38x faster at B=1, H=16, D=M=128, N=4096 and 2.52x at N=16384
+   (1 thread, CPU time; ``python benchmarks/gated_cpu_time.py``). Chunks of 32, 96
+   or 128 were no faster than 64, and one bmm of [Qt, P] against the stacked
+   [S_{c-1}; U'] no faster than the two products (same FLOPs, plus the copies).
 2. **The UT transform as one explicit inverse and one bmm.** T = (I + A)^{-1} comes
    from one batched ``solve_triangular`` against the identity, then W and U are one
    bmm of T with the stacked right-hand side [beta K exp(G), beta V]. Measured (64
    chunks of 64, D = M = 128, 1 thread, CPU time): 3.1 ms for T plus 4.5 ms for the
    bmm, against 11.8 ms for ``solve_triangular`` on the [64, 256] right-hand side
-   directly and 8.4 ms for a blocked forward substitution written in torch ops.
+   directly and 8.4 ms for a blocked forward substitution written in torch ops; a
+   recursive 2 x 2 block inverse (T21 = -T22 A21 T11) took 2.4 ms against 1.6 ms for
+   the one solve (another run).
 3. **Cache-sized tiles.** As in :mod:`attnkit.ops.linear_chunked`: a tile of
    several state heads by a few hundred tokens whose working set fits about
    :data:`CPU_TILE_BYTES`; the state is carried from tile to tile along the
    sequence, and the forward saves it at every backward tile. Heads are grouped
    first (:func:`plan_tiles`), so the sequential loop's bmm run over every head of a
    tile at once. Measured: see :data:`CPU_TILE_BYTES`.
-4. **Recompute instead of store; autograd only where it is cheap.** Only the inputs
-   and one state per backward tile are saved (training memory O(N (D + M)) per head,
-   plus D M per tile). The backward pass, per tile in reverse: recompute the prepare
-   step under autograd (a few dozen batched ops, nothing sequential), rerun the
-   sequential forward loop without autograd to get the chunk states S_c and U'_c,
-   run the reverse loop below by hand, then hand the gradients of (Qt, Kt, P, a, W, U)
-   to autograd, which carries them through the prepare step (gates, beta, the
-   inverse, the L2 norm, the head expansion) to q, k, v, g, beta. Autograd through
-   the sequential loop itself would record ~5 nodes per chunk and keep every
-   chunk's state alive; the hand-written reverse loop keeps the same two bmm per
-   chunk as the forward. Measured (B=1, H=8, D=M=128): 14.4 KB saved per token, flat
-   from N=256 to 1024 (HF's chunked function under autograd: 71.8 KB), and forward +
-   backward 2.56x faster than autograd through HF's function at N=4096.
+4. **Recompute instead of store; backward by hand.** Only the inputs and one state
+   per backward tile are saved (training memory O(N (D + M)) per head, plus D M per
+   tile). The backward pass, per tile in reverse: recompute the prepare step, rerun
+   the sequential forward loop without autograd to get the chunk states S_c and
+   U'_c, run the reverse loop below by hand, then carry the gradients of (Qt, Kt,
+   P, a, W, U) back to q, k, v, g, beta. For the delta rule with a scalar gate or
+   none (Gated DeltaNet, DeltaNet) that last part is hand-written too
+   (:func:`prepare_backward`: the inverse's gradient -T^T dT T^T as two bmm with
+   the explicit T, one pass for the gates' E = dGamma * Gamma); autograd is left
+   with the L2 norm of q and k only. Decay attention and per-channel gates (GLA,
+   KDA) recompute the prepare step under autograd and hand it the gradients.
+   Autograd through the sequential loop itself would record ~5 nodes per chunk and
+   keep every chunk's state alive; the hand-written reverse loop keeps the same two
+   bmm per chunk as the forward. Measured (B=1, H=8, D=M=128): 14.4 KB saved per
+   token, flat from N=256 to 1024 (HF's chunked function under autograd: 71.8 KB);
+   the hand-written prepare backward made forward + backward at N=4096 1.14x faster
+   than autograd through the prepare step (1 thread, CPU time, interleaved), and
+   forward + backward runs 2.81x faster than autograd through HF's function.
 5. **Safe decays.** Every exponential is of a number <= 0: exp(G) and exp(G_C - G)
-   directly, Gamma with the upper triangle masked to -inf *before* the exp. For
+   directly, Gamma clamped at 0 *before* the exp (then lower-triangular). For
    per-channel gates (GLA, KDA) the scores sum_d x_id y_jd exp(G_id - G_jd) are not
    formed as (x * exp(G)) (y * exp(-G))^T, whose second factor overflows fp32 once a
    chunk's cumulative decay passes ~88 (C = 64 tokens at g = -1.4 each, or 5 tokens
@@ -82,7 +91,7 @@ c; R_n = the gradient of the final state)::
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple, cast
 
 import torch
@@ -111,6 +120,12 @@ SUB_CHUNK = 16
 #: all 16 heads x 256 tokens were 1.06x the speed of one head x 2048 tokens and 1.5x
 #: that of all heads x 2048 tokens (the big batched products then stream from DRAM).
 CPU_TILE_BYTES = 36 * 2**20
+#: Forward tiles of decay attention, whose sequential part is an elementwise scan (no
+#: bmm to batch over heads): measured (simple GLA, B=1, H=8, D=M=128, N=4096, 1 thread,
+#: CPU time, 9 interleaved rounds) 384 tokens x 4 heads was 1.20x the speed of the
+#: :data:`CPU_TILE_BYTES` plan (768 x 8); its backward tiles kept that budget (a quarter
+#: made forward + backward 0.89x the speed).
+DECAY_FWD_TILE_BYTES = CPU_TILE_BYTES // 4
 #: A tile holds at least this many chunks per head before more heads are grouped.
 MIN_TILE_CHUNKS = 4
 
@@ -175,15 +190,19 @@ def channel_scores(
 def scalar_gamma(Gc: Tensor, strict: bool = False) -> Tensor:
     """Gamma_ij = exp(G_i - G_j) for j <= i (j < i: ``strict``), else 0; Gc [N, C] -> [N, C, C].
 
-    The upper triangle (where G_i - G_j >= 0 could overflow) is set to -inf before the
-    exp; without autograd that is done in place on one buffer.
+    G is non-increasing (every g <= 0), so G_i - G_j <= 0 on the lower triangle and
+    >= 0 above it: clamping at 0 before the exp keeps every exponential <= 1 (the
+    upper triangle becomes exp(0) = 1) and ``tril`` then zeroes it. Clamp, exp and
+    tril run in place on one buffer without autograd; measured 0.27 ms against
+    0.76 ms for masking the upper triangle to -inf before the exp (64 chunks of 64,
+    1 thread, CPU time). The clamp's gradient passes at 0 (``clamp_max`` is
+    inclusive), so a run of g = 0 keeps its gradient.
     """
-    C = Gc.shape[-1]
-    upper = torch.ones(C, C, dtype=torch.bool, device=Gc.device).triu(0 if strict else 1)
     diff = Gc.unsqueeze(-1) - Gc.unsqueeze(-2)
+    diag = -1 if strict else 0
     if torch.is_grad_enabled():
-        return diff.masked_fill(upper, float("-inf")).exp()
-    return diff.masked_fill_(upper, float("-inf")).exp_()
+        return diff.clamp(max=0.0).exp().tril(diag)
+    return diff.clamp_(max=0.0).exp_().tril_(diag)
 
 
 class Prepared(NamedTuple):
@@ -195,6 +214,21 @@ class Prepared(NamedTuple):
     a: Tensor | None  # [N] (scalar gate), [N, D] (per channel), None (no gate)
     W: Tensor | None  # [N, C, D] (delta rule) or None
     U: Tensor  # [N, C, M]: U = T beta V (delta rule) or V (decay)
+
+
+class Kept(NamedTuple):
+    """What :func:`prepare_backward` needs besides the inputs (delta rule, scalar gate or
+    none): Gamma, K K^T Gamma, A = Diag(beta) K K^T Gamma, T, the right-hand side
+    [beta K exp(G), beta V], exp(G) and exp(G_C - G) (Gamma and the exps: None without
+    a gate)."""
+
+    gamma: Tensor | None  # [N, C, C] (None: no gate, Gamma = the lower triangle of ones)
+    gg: Tensor  # [N, C, C]
+    A: Tensor  # [N, C, C] (strict lower triangle read)
+    T: Tensor  # [N, C, C]
+    rhs: Tensor  # [N, C, D + M]
+    eG: Tensor | None  # [N, C]
+    eK: Tensor | None  # [N, C]
 
 
 def prepare(
@@ -209,6 +243,27 @@ def prepare(
 ) -> Prepared:
     """The state-free part of every chunk: qc [N, G C, D], kc [N, C, D], vc [N, C, M],
     gc [N, C] or [N, C, D] (log-gates, not yet cumulated) or None, bc [N, C] or None."""
+    return prepare_kept(qc, kc, vc, gc, bc, G, scale, use_qk_l2norm)[0]
+
+
+def hand_backward(gc: Tensor | None, bc: Tensor | None) -> bool:
+    """Whether the backward pass of this prepare step is hand-written (:func:`prepare_backward`):
+    the delta rule with a scalar gate or none; decay attention and per-channel gates
+    (GLA, KDA) go through autograd."""
+    return bc is not None and (gc is None or gc.dim() == 2)
+
+
+def prepare_kept(
+    qc: Tensor,
+    kc: Tensor,
+    vc: Tensor,
+    gc: Tensor | None,
+    bc: Tensor | None,
+    G: int,
+    scale: float,
+    use_qk_l2norm: bool,
+) -> tuple[Prepared, Kept | None]:
+    """:func:`prepare`, and what its hand-written backward needs (when :func:`hand_backward`)."""
     N, C, D = kc.shape
     if use_qk_l2norm:
         qc, kc = l2norm(qc), l2norm(kc)
@@ -216,6 +271,9 @@ def prepare(
     # (the backward pass recomputes this step) every op is out of place.
     fresh = not torch.is_grad_enabled()
     a: Tensor | None = None
+    gamma: Tensor | None = None
+    eG: Tensor | None = None
+    eK: Tensor | None = None
     scores = torch.bmm(qc, kc.transpose(1, 2)).view(N, G, C, C)
     gram = torch.bmm(kc, kc.transpose(1, 2)) if bc is not None else None
     if gc is None:
@@ -227,7 +285,8 @@ def prepare(
         eG = Gc.exp()
         a = last.squeeze(1).exp()
         Qt = (qc.view(N, G, C, D) * (eG * scale)[:, None, :, None]).view(N, G * C, D)
-        Kt = kc * (last - Gc).exp().unsqueeze(-1)
+        eK = (last - Gc).exp()
+        Kt = kc * eK.unsqueeze(-1)
         gamma = scalar_gamma(Gc)
         P = scores.mul_(gamma.unsqueeze(1)) if fresh else scores * gamma.unsqueeze(1)
         P = P.mul_(scale) if fresh else P * scale
@@ -246,10 +305,11 @@ def prepare(
         gram = channel_scores(kc, kc, Gc, 1, strict=True) if bc is not None else None
     P = P.view(N, G * C, C)
     if bc is None or gram is None:
-        return Prepared(Qt, Kt, P, a, None, vc)
+        return Prepared(Qt, Kt, P, a, None, vc), None
     b = bc.unsqueeze(-1)
+    keep = fresh and hand_backward(gc, bc)
     # solve_triangular reads the strict lower triangle only (unitriangular): no tril needed
-    A = gram.mul_(b) if fresh else gram * b
+    A = gram * b if keep else (gram.mul_(b) if fresh else gram * b)
     T = unit_lower_inverse(A)
     if fresh:
         rhs = vc.new_empty(N, C, D + vc.shape[-1])
@@ -258,7 +318,81 @@ def prepare(
     else:
         rhs = torch.cat([k_rhs * b, vc * b], dim=-1)
     WU = torch.bmm(T, rhs)
-    return Prepared(Qt, Kt, P, a, WU[..., :D], WU[..., D:])
+    prep = Prepared(Qt, Kt, P, a, WU[..., :D], WU[..., D:])
+    if not keep:
+        return prep, None
+    return prep, Kept(gamma, gram, A, T, rhs, eG, eK)
+
+
+def prepare_backward(
+    qc: Tensor,
+    kc: Tensor,
+    vc: Tensor,
+    bc: Tensor,
+    G: int,
+    scale: float,
+    prep: Prepared,
+    kept: Kept,
+    d: Prepared,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor]:
+    """Hand-written backward of :func:`prepare_kept` (delta rule, scalar gate or none).
+
+    qc, kc are the (normalised) queries and keys the step ran on, ``d`` the gradients
+    of its outputs (field by field). Returns the gradients of qc, kc, vc, gc (None
+    without a gate) and bc. With Gamma_ij = exp(G_i - G_j), E = dGamma * Gamma and
+    G = cumsum(g)::
+
+        dT = [dW, dU] rhs^T;  d rhs = T^T [dW, dU];  dA = -StrictTril(T^T dT T^T)
+        A = Diag(beta) (K K^T * Gamma):  dbeta_i += sum_j dA_ij (K K^T Gamma)_ij,
+                                          d(K K^T) = Diag(beta) dA * Gamma,  E += dA * A
+        P = scale Tril(Q K^T * Gamma):    d(Q K^T) = scale Tril(dP) * Gamma,   E += Tril(dP) * P
+        dG_i += sum_j E_ij - sum_j E_ji  (and the terms of Qt, Kt, a, rhs),  dg = reverse cumsum
+
+    Autograd through the same step records ~40 nodes per tile and runs the inverse's
+    backward as a triangular solve; here it is two bmm with the explicit T.
+    """
+    N, C, D = kc.shape
+    gamma, T, rhs, eG, eK = kept.gamma, kept.T, kept.rhs, kept.eG, kept.eK
+    b = bc.unsqueeze(-1)
+    Tt = T.transpose(1, 2)
+    dWU = torch.cat([cast(Tensor, d.W), d.U], dim=-1)  # [N, C, D + M]
+    dT = torch.bmm(dWU, rhs.transpose(1, 2))
+    drhs = torch.bmm(Tt, dWU)
+    dA = torch.bmm(Tt, torch.bmm(dT, Tt)).neg_().tril_(-1)
+    db = (dA * kept.gg).sum(-1)  # [N, C]
+    E = None if gamma is None else dA * kept.A  # dGamma * Gamma from A, before dA is scaled
+    dKK = dA.mul_(b) if gamma is None else dA.mul_(b).mul_(gamma)  # d(K K^T), strict lower
+    dPm = d.P.view(N, G, C, C).tril()
+    dS = dPm * scale if gamma is None else dPm * (gamma * scale).unsqueeze(1)
+    dS = dS.view(N, G * C, C)
+    dq = torch.bmm(dS, kc)
+    dk = torch.bmm(dS.transpose(1, 2), qc).baddbmm_(dKK + dKK.transpose(1, 2), kc)
+    drk, drv = drhs[..., :D], drhs[..., D:]
+    dv = drv * b
+    db += (drv * vc).sum(-1)
+    if E is None or eG is None or eK is None:
+        dq += d.Qt * scale
+        dk += d.Kt
+        dk.addcmul_(drk, b)
+        db += (drk * kc).sum(-1)
+        return dq, dk, dv, None, db
+    E += (dPm * prep.P.view(N, G, C, C)).sum(1)  # dGamma * Gamma from P
+    dG = E.sum(-1) - E.sum(-2)  # [N, C]
+    dq.view(N, G, C, D).addcmul_(d.Qt.view(N, G, C, D), (eG * scale)[:, None, :, None])
+    dG += (d.Qt * prep.Qt).view(N, G, C, D).sum((1, 3))
+    t = (d.Kt * prep.Kt).sum(-1)  # Kt = K exp(G_C - G)
+    dG -= t
+    dlast = t.sum(-1)
+    dk.addcmul_(d.Kt, eK.unsqueeze(-1))
+    t2 = (drk * kc).sum(-1).mul_(eG)  # rhs_K = beta K exp(G)
+    dk.addcmul_(drk, (eG * bc).unsqueeze(-1))
+    dG.addcmul_(t2, bc)
+    db += t2
+    if d.a is not None and prep.a is not None:
+        dlast += d.a * prep.a  # a = exp(G_C)
+    dG[:, -1] += dlast
+    dg = dG.flip(1).cumsum(1).flip(1)
+    return dq, dk, dv, dg, db
 
 
 def _decay_rows(a: Tensor | None, h: int, n: int) -> Tensor | None:
@@ -322,8 +456,9 @@ def _output(prep: Prepared, states: Tensor, Unew: Tensor, S_in: Tensor) -> Tenso
 
 def sequential_backward(
     prep: Prepared, states: Tensor, Unew: Tensor, S_in: Tensor, dO: Tensor, R: Tensor
-) -> tuple[list[Tensor], list[Tensor], Tensor]:
-    """Gradients of the prepared tensors (paired lists for autograd) and dL/dS_in."""
+) -> tuple[Prepared, Tensor]:
+    """Gradients of the prepared tensors (field by field; None where a field is None)
+    and dL/dS_in."""
     h, n, D, M = states.shape
     N, C, _ = prep.Kt.shape
     a = _decay_rows(prep.a, h, n)
@@ -346,22 +481,19 @@ def sequential_backward(
     if prep.W is None:
         dU.baddbmm_(prep.Kt, Rc)  # dV = P^T dO + Kt R_c
     S_prev = _previous(states, S_in)
-    outputs = [prep.Qt, prep.Kt, prep.P, prep.U]
-    grads = [
+    da: Tensor | None = None
+    if prep.a is not None:
+        prod = S_prev * Rc
+        da = prod.sum((1, 2)) if prep.a.dim() == 1 else prod.sum(2)
+    grads = Prepared(
         torch.bmm(dO, S_prev.transpose(1, 2)),
         torch.bmm(Unew, Rc.transpose(1, 2)),
         torch.bmm(dO, Unew.transpose(1, 2)),
+        da,
+        None if prep.W is None else torch.bmm(dU, S_prev.transpose(1, 2)).neg_(),
         dU,
-    ]
-    if prep.a is not None:
-        prod = S_prev * Rc
-        outputs.append(prep.a)
-        grads.append(prod.sum((1, 2)) if prep.a.dim() == 1 else prod.sum(2))
-    if prep.W is not None:
-        outputs.append(prep.W)
-        grads.append(-torch.bmm(dU, S_prev.transpose(1, 2)))
-    keep = [i for i, t in enumerate(outputs) if t.requires_grad]
-    return [outputs[i] for i in keep], [grads[i] for i in keep], Y[:, 0].clone()
+    )
+    return grads, Y[:, 0].clone()
 
 
 # --------------------------------------------------------------------------------------
@@ -479,9 +611,11 @@ class _Tile(NamedTuple):
 
 
 def _gather(src: Tensor, index: Tensor | None, h0: int, h1: int, t0: int, t1: int) -> Tensor:
+    """Rows h0:h1 of the state heads (through ``index``), tokens t0:t1 (slice first: the
+    gather copies only the tile's tokens)."""
     if index is None:
         return src[h0:h1, ..., t0:t1, :] if src.dim() == 4 else src[h0:h1, t0:t1]
-    return src.index_select(0, index[h0:h1])[..., t0:t1, :]
+    return src[..., t0:t1, :].index_select(0, index[h0:h1])
 
 
 def _tile_inputs(
@@ -579,30 +713,9 @@ class _ChunkedGated(torch.autograd.Function):
                 T = t1 - t0
                 n = -(-T // C)
                 x = _tile_inputs(q, k, v, g, b, cfg, h0, h1, t0, t1, acc)
-                leaves = [
-                    None if t is None else t.detach().requires_grad_(bool(need[i]))
-                    for i, t in enumerate(x)
-                ]
-                with torch.enable_grad():
-                    lq, lk, lv, lg, lb = leaves
-                    prep = prepare(
-                        cast(Tensor, lq),
-                        cast(Tensor, lk),
-                        cast(Tensor, lv),
-                        lg,
-                        lb,
-                        G,
-                        cfg.scale,
-                        cfg.use_qk_l2norm,
-                    )
-                plain = Prepared(*(None if t is None else t.detach() for t in prep))  # type: ignore[arg-type]
-                S_in = starts[s, h0:h1]
-                states, Unew = sequential_forward(plain, S_in, h)
                 dO = _group_rows(d_out[h0:h1, :, t0:t1], n, C, acc)
-                outs, gs, R = sequential_backward(prep, states, Unew, S_in, dO, R)
-                if outs:
-                    torch.autograd.backward(outs, gs)
-                _scatter_grads(grads, leaves, cfg, h0, h1, t0, t1, h, G, C, T)
+                tile_grads, R = _tile_backward(x, need, cfg, starts[s, h0:h1], dO, R, h)
+                _scatter_grads(grads, tile_grads, cfg, h0, h1, t0, t1, h, G, C, T)
             dS0[h0:h1] = R
         dq, dk, dv, dg, db = (
             None if t is None or src is None else t.to(src.dtype)
@@ -611,9 +724,55 @@ class _ChunkedGated(torch.autograd.Function):
         return dq, dk, dv, dg, db, (dS0 if need[5] else None), None
 
 
+def _tile_backward(
+    x: _Tile, need: tuple[bool, ...], cfg: _Config, S_in: Tensor, dO: Tensor, R: Tensor, h: int
+) -> tuple[list[Tensor | None], Tensor]:
+    """Gradients of one backward tile's inputs (chunk rows; None where not needed) and
+    dL/dS before the tile, from dO (chunk rows) and R = dL/dS after it."""
+    G, scale, l2 = cfg.G, cfg.scale, cfg.use_qk_l2norm
+    leaves = [
+        None if t is None else t.detach().requires_grad_(bool(need[i])) for i, t in enumerate(x)
+    ]
+    lq, lk, lv, lg, lb = leaves
+    if lb is not None and hand_backward(lg, lb):
+        # delta rule, scalar gate or none: the prepare step's backward by hand; autograd
+        # only for the L2 norm of q and k
+        lq, lk = cast(Tensor, lq), cast(Tensor, lk)
+        with torch.enable_grad():
+            qn, kn = (l2norm(lq), l2norm(lk)) if l2 else (lq, lk)
+        with torch.no_grad():
+            prep, kept = prepare_kept(qn, kn, x.v, x.g, lb.detach(), G, scale, False)
+            states, Unew = sequential_forward(prep, S_in, h)
+            d, R = sequential_backward(prep, states, Unew, S_in, dO, R)
+            dq, dk, dv, dg, db = prepare_backward(
+                qn, kn, x.v, lb.detach(), G, scale, prep, cast(Kept, kept), d
+            )
+        tile: list[Tensor | None] = [dq, dk, dv, dg, db]
+        if l2:  # through the L2 norm to the raw q, k
+            pairs = [(t, dt) for t, dt in ((qn, dq), (kn, dk)) if t.requires_grad]
+            if pairs:
+                torch.autograd.backward([t for t, _ in pairs], [dt for _, dt in pairs])
+            tile[0], tile[1] = lq.grad, lk.grad
+        return tile, R
+    with torch.enable_grad():
+        prep = prepare(cast(Tensor, lq), cast(Tensor, lk), cast(Tensor, lv), lg, lb, G, scale, l2)
+    plain = Prepared(*(None if t is None else t.detach() for t in prep))  # type: ignore[arg-type]
+    states, Unew = sequential_forward(plain, S_in, h)
+    d, R = sequential_backward(plain, states, Unew, S_in, dO, R)
+    outs: list[Tensor] = []
+    grads: list[Tensor] = []
+    for t, dt in zip(prep, d, strict=True):
+        if t is not None and dt is not None and t.requires_grad:
+            outs.append(t)
+            grads.append(dt)
+    if outs:
+        torch.autograd.backward(outs, grads)
+    return [None if t is None else t.grad for t in leaves], R
+
+
 def _scatter_grads(
     grads: list[Tensor | None],
-    leaves: list[Tensor | None],
+    tile_grads: list[Tensor | None],
     cfg: _Config,
     h0: int,
     h1: int,
@@ -625,14 +784,14 @@ def _scatter_grads(
     T: int,
 ) -> None:
     """Add the tile leaves' gradients (chunk rows) into the full gradients."""
-    for i, (full, leaf) in enumerate(zip(grads, leaves, strict=True)):
-        if full is None or leaf is None or leaf.grad is None:
+    for i, (full, tg) in enumerate(zip(grads, tile_grads, strict=True)):
+        if full is None or tg is None:
             continue
         if i == 0:
-            part = _ungroup_rows(leaf.grad, h, G, C, T)  # [h, G, T, D]
+            part = _ungroup_rows(tg, h, G, C, T)  # [h, G, T, D]
             index = cfg.q_index
         else:
-            part = leaf.grad.view(h, -1, *leaf.shape[2:])[:, :T]
+            part = tg.view(h, -1, *tg.shape[2:])[:, :T]
             index = cfg.k_index if i == 1 else None
         if index is None:
             target = full[h0:h1, ..., t0:t1, :] if full.dim() == 4 else full[h0:h1, t0:t1]
@@ -680,8 +839,12 @@ def chunked_attention(
     gs = None if g is None else g.reshape(BH, L, *g.shape[3:])
     bs = None if beta is None else beta.reshape(BH, L)
     if plan is None:
-        budget = CPU_TILE_BYTES if q.device.type == "cpu" else None
-        plan = plan_tiles(BH, G, L, D, M, chunk, beta is not None, S0.element_size(), budget)
+        cpu = q.device.type == "cpu"
+        delta, size = beta is not None, S0.element_size()
+        plan = plan_tiles(BH, G, L, D, M, chunk, delta, size, CPU_TILE_BYTES if cpu else None)
+        if cpu and not delta:
+            fwd = plan_tiles(BH, G, L, D, M, chunk, delta, size, DECAY_FWD_TILE_BYTES)
+            plan = replace(plan, fwd_tokens=fwd.fwd_tokens, fwd_heads=fwd.fwd_heads)
     cfg = _Config(G, q_index, k_index, scale, use_qk_l2norm, chunk, plan)
     apply = cast(Callable[..., tuple[Tensor, Tensor]], _ChunkedGated.apply)
     out, final = apply(qs, ks, v.reshape(BH, L, M), gs, bs, S0.reshape(BH, D, M), cfg)

@@ -8,14 +8,13 @@ query q, value v and (delta rule) beta::
     S_new = S' + k u^T
     o  = S_new^T (scale q) = scale (q^T S' + (q . k) u)
 
-The last line is why one read of S suffices: q^T S' and k^T S' come out of one
-batched product [k; q] (Diag(a) S) = ([k; q] * a) S, so the step streams the state
-once for those reads and twice for the update S_new = a S + k u^T (a fresh
-``a * S``, then an in-place broadcast ``addcmul_`` of k u^T: no outer-product
-temporary; with ``inplace`` the decay too is an in-place pass over the caller's
-state, which measured 0.4 ms against 1.5 ms for writing a fresh 8 MiB state, B=8,
-H=16, D=M=128, 1 thread). A decoding step is memory-bound (O(D M) bytes for O(D M) FLOPs), so
-the passes over the state are what its time is made of.
+The last line is why one read of S suffices. The step makes three passes over the
+state: the decay S' = Diag(a) S (a fresh tensor, or the caller's state in place with
+``inplace``), one batched product [k; q] S' that reads S' once for both k^T S' and
+q^T S', and the in-place broadcast ``addcmul_`` of k u^T (no outer-product temporary).
+Decaying first means the reads need no rescaling, scalar or per-channel gate alike.
+A decoding step is memory-bound (O(D M) bytes for O(D M) FLOPs), so the passes over
+the state, and at small batch the number of torch ops, are what its time is made of.
 """
 
 from __future__ import annotations
@@ -74,34 +73,45 @@ def step(
     updated in place with ``inplace`` (S must then be the caller's own acc-dtype tensor).
     """
     acc = S.dtype
-    B, Hv, D, M = S.shape
-    qf, kf = q.to(acc), k.to(acc)
-    if use_qk_l2norm:
+    B, M = S.shape[0], S.shape[-1]
+    kq = _rows(q, k, dims, acc, use_qk_l2norm)  # [B, Hv, 1 + G, D]: k, then the queries
+    qk = (kq[:, :, 1:] * kq[:, :, :1]).sum(-1, keepdim=True)  # q . k: [B, Hv, G, 1]
+    # S' = Diag(a) S first (in place with ``inplace``), then both reads come from S'
+    if g is None:
+        S_new = S if inplace else S.clone()
+    else:
+        a = g.to(acc).exp()
+        decay = a[:, :, None, None] if a.dim() == 2 else a.unsqueeze(-1)
+        S_new = S.mul_(decay) if inplace else S * decay
+    reads = contract(STEP_READ, kq, S_new)  # [k; q]^T S': [B, Hv, 1 + G, M]
+    u = v.to(acc)  # [B, Hv, M]
+    if beta is not None:
+        u = (u - reads[:, :, 0]).mul_(beta.to(acc).unsqueeze(-1))
+    o = torch.addcmul(reads[:, :, 1:], qk, u.unsqueeze(2)).mul_(scale)  # [B, Hv, G, M]
+    S_new.addcmul_(kq[:, :, 0].unsqueeze(-1), u.unsqueeze(-2))  # + k u^T, in place
+    return o.reshape(B, dims.Ho, M).to(q.dtype), S_new
+
+
+def _rows(q: Tensor, k: Tensor, dims: GatedDims, acc: torch.dtype, l2: bool) -> Tensor:
+    """[k; q] per state head, [B, Hv, 1 + G, D] in ``acc`` (L2-normalised with ``l2``).
+
+    q [B, Hq, D], k [B, Hk, D]. When q and k have one layout (Hq = G Hk) the rows are
+    stacked first, so the cast and the normalisation run once over both, and grouped
+    value heads (Hk < Hv) repeat the stacked rows once.
+    """
+    B, Hq, D = q.shape
+    Hk, Hv = k.shape[1], dims.Hv
+    if Hq % Hk == 0 and (Hk == Hv or Hq == Hk):
+        rows = torch.cat([k.unsqueeze(2), q.reshape(B, Hk, Hq // Hk, D)], dim=2).to(acc)
+        if l2:
+            rows = l2norm(rows)
+        return rows if Hk == Hv else rows.repeat_interleave(Hv // Hk, dim=1)
+    qf, kf = q.to(acc), k.to(acc)  # e.g. Hq < Hk < Hv: q and k repeated apart
+    if l2:
         qf, kf = l2norm(qf), l2norm(kf)
-    if dims.Hq >= Hv:
+    if Hq >= Hv:
         qs = qf.view(B, Hv, dims.G, D)
     else:
-        qs = qf.repeat_interleave(Hv // dims.Hq, dim=1).unsqueeze(2)
-    ks = kf if dims.Hk == Hv else kf.repeat_interleave(Hv // dims.Hk, dim=1)  # [B, Hv, D]
-    kq = torch.cat([ks.unsqueeze(2), qs], dim=2)  # [B, Hv, 1 + G, D]
-    a: Tensor | None = None
-    if g is not None:
-        a = g.to(acc).exp()
-        # a channel decay scales the rows of S: read ([k; q] * a) S instead of [k; q] (a S)
-        reads = contract(STEP_READ, kq * (a.unsqueeze(2) if a.dim() == 3 else 1.0), S)
-        if a.dim() == 2:
-            reads = reads * a[:, :, None, None]
-    else:
-        reads = contract(STEP_READ, kq, S)
-    kS, qS = reads[:, :, 0], reads[:, :, 1:]  # k^T S', q^T S'
-    vf = v.to(acc)
-    u = vf if beta is None else beta.to(acc).unsqueeze(-1) * (vf - kS)  # [B, Hv, M]
-    qk = (qs * ks.unsqueeze(2)).sum(-1, keepdim=True)  # [B, Hv, G, 1]
-    o = (qS + qk * u.unsqueeze(2)) * scale  # [B, Hv, G, M]
-    decay = None if a is None else (a[:, :, None, None] if a.dim() == 2 else a.unsqueeze(-1))
-    if inplace:  # the caller's state becomes the new one: no fresh [B, Hv, D, M] buffer
-        S_new = S if decay is None else S.mul_(decay)
-    else:
-        S_new = S.clone() if decay is None else S * decay
-    S_new.addcmul_(ks.unsqueeze(-1), u.unsqueeze(-2))  # + k u^T, in place (no temporary)
-    return o.reshape(B, dims.Ho, M).to(q.dtype), S_new
+        qs = qf.repeat_interleave(Hv // Hq, dim=1).unsqueeze(2)
+    ks = kf if Hk == Hv else kf.repeat_interleave(Hv // Hk, dim=1)
+    return torch.cat([ks.unsqueeze(2), qs], dim=2)
