@@ -11,6 +11,7 @@ machine without a GPU), so it cannot pass by silently running HF's own path.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -46,6 +47,24 @@ MODELS = {
     "qwen3_5_moe": modeling_qwen3_5_moe,
     "kimi_linear": modeling_kimi_linear,
 }
+
+
+@pytest.fixture(autouse=True)
+def hf_torch_fallbacks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plain reference of these tests is HF's own torch fallback.
+
+    Where flash-linear-attention or causal-conv1d is installed on a machine without a GPU
+    (``pip install attnkit[bench]`` installs fla), HF's dispatcher sends the *plain* model
+    to their Triton kernels, which crash ("0 active drivers"); the functions' torch bodies
+    (``__wrapped__``) are what a CPU user of HF gets otherwise.
+    """
+    if not any(importlib.util.find_spec(pkg) for pkg in ("fla", "causal_conv1d")):
+        return
+    for modeling in MODELS.values():
+        for fn in HF_KERNELS:
+            torch_body = getattr(getattr(modeling, fn, None), "__wrapped__", None)
+            if torch_body is not None:
+                monkeypatch.setattr(modeling, fn, torch_body)
 
 
 @pytest.fixture
