@@ -208,7 +208,7 @@ def qwen_benchmarks(args: argparse.Namespace, rows: list[dict[str, Any]]) -> Non
         def step(name: str, model: torch.nn.Module) -> Callable[[], object]:
             def run() -> object:
                 cache, tok = caches[name]
-                out = model(tok, cache=cache, use_cache=True)
+                out = model(tok, use_cache=True, **attnkit.hf.cache_kwargs(model, cache))
                 caches[name] = (out.past_key_values, out.logits[:, -1:].argmax(-1))
                 steps[name] += 1
                 return out
