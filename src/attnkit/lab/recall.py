@@ -38,9 +38,12 @@ the label, then :class:`attnkit.TinyLM`'s keyword arguments.
 from __future__ import annotations
 
 import math
+import multiprocessing
+import os
 import statistics
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -55,7 +58,8 @@ from attnkit.lab.core import EXPERIMENTS, Context, Experiment, ExperimentResult,
 from attnkit.lab.measure import held_bytes
 from attnkit.layers import TinyLM
 from attnkit.layers.attention import BACKENDS
-from attnkit.layers.cache import KVCache, LinearState
+from attnkit.layers.cache import DeltaState, KVCache, LinearState
+from attnkit.layers.delta import MIXERS
 
 __all__ = [
     "SETTINGS",
@@ -87,7 +91,10 @@ class RecallVariant:
 
     @property
     def cache_type(self) -> type:
-        return BACKENDS.get(str(self.model.get("backend", "softmax"))).cache_type
+        backend = str(self.model.get("backend", "softmax"))
+        if backend in MIXERS:  # a delta-rule token mixer (DeltaNet, Gated DeltaNet)
+            return DeltaState
+        return BACKENDS.get(backend).cache_type
 
     @property
     def fixed_state(self) -> bool:
@@ -122,6 +129,18 @@ add_variant(
     color="#9467bd",
 )
 add_variant("Performer", backend="linear", feature_map="favor", color="#e377c2")
+# The delta rule (Schlag et al. 2021; Yang et al. 2024) as in real models: q and k
+# L2-normalised, beta = sigmoid(x W_b), RMSNorm and output gate; their short conv (kernel
+# 3 here, as the others') runs on q, k, v. State H x d_k x d_v per layer, no normaliser.
+# Chunks of 16: at these lengths the op's default chunk of 64 pads every sequence to
+# 64 tokens and its per-chunk triangular solves cost 3x more (measured, CPU).
+add_variant("DeltaNet", backend="deltanet", backend_options={"chunk_size": 16}, color="#8c564b")
+add_variant(
+    "Gated DeltaNet",
+    backend="gated_deltanet",
+    backend_options={"chunk_size": 16},
+    color="#17becf",
+)
 add_variant(
     "argmax (ST)",
     backend="argmax",
@@ -148,6 +167,8 @@ class RecallSettings:
     convs: tuple[bool, ...]  # with / without the short convolution
     log_every: int  # steps between recorded training losses
     seeds: tuple[int, ...] = (SEED, SEED + 1, SEED + 2)  # one training run per seed
+    # the variants also trained without the conv when ``convs`` has False (None: all)
+    no_conv: tuple[str, ...] | None = None
 
 
 SETTINGS: dict[str, RecallSettings] = {
@@ -285,9 +306,14 @@ def _state_formula(s: RecallSettings, variant: str, conv: bool, length: int) -> 
     elif v.cache_type is LinearState and isinstance(fmap, str):
         dp = feature_maps.get(fmap).out_dim(head)
         per_layer = s.n_heads * (dp * head + dp)  # S [H, D', d_v] and z [H, D']
+    elif v.cache_type is DeltaState:
+        per_layer = s.n_heads * head * head  # S [H, d_k, d_v], no normaliser
     else:
         return None
-    conv_window = s.d_model * 2 if conv else 0  # the last K - 1 = 2 inputs
+    # The last K - 1 = 2 inputs of the conv: d_model channels before attention, or the
+    # q, k and v channels (3 d_model) of a delta-rule mixer's own conv.
+    channels = 3 * s.d_model if v.cache_type is DeltaState else s.d_model
+    conv_window = channels * 2 if conv else 0
     return 4 * s.n_layers * (per_layer + conv_window)
 
 
@@ -342,6 +368,65 @@ def train_one(
         "state_bytes_formula": _state_formula(s, variant, conv, s.seq_len),
         "state_bytes_half_formula": _state_formula(s, variant, conv, s.seq_len // 2),
     }
+
+
+def _worker_init() -> None:
+    # One intra-op thread per worker process: the matmuls are small, so processes
+    # training different models use the cores better than threads sharing one model.
+    torch.set_num_threads(1)
+
+
+def _train_job(s: RecallSettings, variant: RecallVariant, conv: bool, seed: int) -> dict[str, Any]:
+    """:func:`train_one` in a worker process (registering a variant added at run time)."""
+    if variant.label not in VARIANTS:
+        VARIANTS.register(variant.label)(variant)
+    return train_one(s, variant.label, conv, seed)
+
+
+def workers() -> int:
+    """Processes the recall training uses: the CPUs this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def train_all(
+    s: RecallSettings,
+    jobs: list[tuple[str, bool, int]],
+    n_workers: int = 1,
+    advance: Callable[[int], None] | None = None,
+) -> list[dict[str, Any]]:
+    """:func:`train_one` for every (variant, conv, seed) in ``jobs``, results in job order.
+
+    ``n_workers > 1`` trains that many models at once in separate processes (spawned,
+    one torch thread each); every model is seeded by its own seed alone, so the results
+    equal a serial run on one thread.
+    """
+    if n_workers <= 1 or len(jobs) <= 1:
+        return [train_one(s, v, conv, seed, advance) for v, conv, seed in jobs]
+    out: list[dict[str, Any] | None] = [None] * len(jobs)
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(n_workers, mp_context=ctx, initializer=_worker_init) as pool:
+        futures = {
+            pool.submit(_train_job, s, VARIANTS.get(v), conv, seed): i
+            for i, (v, conv, seed) in enumerate(jobs)
+        }
+        for future in as_completed(futures):
+            out[futures[future]] = future.result()
+            if advance is not None:
+                advance(s.steps)
+    return [r for r in out if r is not None]
+
+
+def _models(s: RecallSettings) -> list[tuple[str, bool]]:
+    """The (variant, conv) pairs trained, in plot order."""
+    return [
+        (v, conv)
+        for v in s.variants
+        for conv in s.convs
+        if conv or s.no_conv is None or v in s.no_conv
+    ]
 
 
 def _label(variant: str, conv: bool) -> str:
@@ -399,11 +484,13 @@ def run(ctx: Context) -> ExperimentResult:
     )
     runs: dict[str, dict[str, Any]] = {}
     per_model = s.steps * len(s.seeds)
-    advance = ctx.task("recall: training", per_model * len(s.variants) * len(s.convs))
-    for variant in s.variants:
-        for conv in s.convs:
-            seeds = [train_one(s, variant, conv, seed, advance) for seed in s.seeds]
-            runs[_label(variant, conv)] = _aggregate(s, seeds)
+    models = _models(s)
+    advance = ctx.task("recall: training", per_model * len(models))
+    jobs = [(v, conv, seed) for v, conv in models for seed in s.seeds]
+    n_workers = 1 if ctx.profile == "test" else workers()
+    done = iter(train_all(s, jobs, n_workers, advance))
+    for variant, conv in models:
+        runs[_label(variant, conv)] = _aggregate(s, [next(done) for _ in s.seeds])
     result.numbers.update({"settings": asdict(s), "models": runs})
     result.notes.extend(_notes(ctx, s, runs))
     result.tables.append(
