@@ -404,14 +404,17 @@ def train_all(
 ) -> list[dict[str, Any]]:
     """:func:`train_one` for every (variant, conv, seed) in ``jobs``, results in job order.
 
-    ``n_workers > 1`` trains that many models at once in separate processes (spawned,
-    one torch thread each); every model is seeded by its own seed alone, so the results
-    equal a serial run on one thread.
+    ``n_workers > 1`` trains that many models at once in separate processes (forked
+    where the platform can, one torch thread each); every model is seeded by its own
+    seed alone, so the results equal a serial run on one thread.
     """
     if n_workers <= 1 or len(jobs) <= 1:
         return [train_one(s, v, conv, seed, advance) for v, conv, seed in jobs]
     out: list[dict[str, Any] | None] = [None] * len(jobs)
-    ctx = multiprocessing.get_context("spawn")
+    # fork, as torch's DataLoader workers (one thread each): no re-import of the caller's
+    # main module, and variants registered at run time exist in the workers too.
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
     with ProcessPoolExecutor(n_workers, mp_context=ctx, initializer=_worker_init) as pool:
         futures = {
             pool.submit(_train_job, s, VARIANTS.get(v), conv, seed): i
