@@ -192,3 +192,19 @@ def test_gated_time_claim_fails_for_quadratic_time() -> None:
         verdicts = _verdicts(result)
         assert verdicts["complexity.gated_time"] is passes
         assert verdicts["complexity.gated_memory_per_token"]
+
+
+def test_cpu_time_counts_finished_worker_processes() -> None:
+    """An experiment that trains in worker processes reports their CPU time too (the
+    old process_time() alone missed it: recall would have shown seconds, not minutes)."""
+    import subprocess
+    import sys
+    import time
+
+    from attnkit.lab.core import cpu_time
+
+    c0, p0 = cpu_time(), time.process_time()
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass"
+    subprocess.run([sys.executable, "-c", burn], check=True)
+    assert cpu_time() - c0 >= 0.3
+    assert time.process_time() - p0 < 0.3

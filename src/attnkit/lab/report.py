@@ -47,6 +47,7 @@ from attnkit.lab.core import (
     ExperimentResult,
     Profile,
     check_profile,
+    cpu_time,
     experiment_names,
     get_experiment,
     jsonable,
@@ -159,7 +160,7 @@ def run_experiments(
         environment=environment(),
         command=command,
     )
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0, c0 = time.perf_counter(), cpu_time()
     with _progress(console, show_progress) as bar:
 
         def hook(description: str, total: int) -> Callable[[int], None]:
@@ -185,7 +186,7 @@ def run_experiments(
                     f"({result.seconds:.1f} s, {result.cpu_seconds:.1f} s CPU)"
                 )
     run.seconds = time.perf_counter() - t0
-    run.cpu_seconds = time.process_time() - c0
+    run.cpu_seconds = cpu_time() - c0
     return run
 
 
@@ -319,7 +320,8 @@ def to_html(run: LabRun) -> str:
     parts.append(
         f"</ul><p>Wall time of this {_e(run.profile)} run: <b>{run.seconds:.1f} s</b> ("
         + ", ".join(f"{_e(r.name)} {r.seconds:.1f} s" for r in run.results)
-        + f"); CPU time of this process, all threads: {run.cpu_seconds:.1f} s ("
+        + f"); CPU time of this process (all threads) and its worker processes: "
+        f"{run.cpu_seconds:.1f} s ("
         + ", ".join(f"{_e(r.name)} {r.cpu_seconds:.1f} s" for r in run.results)
         + "). On a machine shared with other work the wall time grows; the CPU time "
         "much less."
