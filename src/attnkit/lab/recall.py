@@ -79,8 +79,10 @@ __all__ = [
 
 SEED = 5
 #: DeltaNet's median accuracy at the most pairs must exceed linear (elu) attention's by
-#: this much (both with the conv): chosen from the quick profile's seeds (see the claim).
-DELTA_MARGIN = 0.2
+#: this much (both with the conv). Measured in the quick profile (8 pairs, seeds 5-7):
+#: DeltaNet 0.990, 0.991, 0.999; linear elu 0.190, 0.433, 0.526; its worst seed beat
+#: elu's best by 0.46, the medians differ by 0.56.
+DELTA_MARGIN = 0.3
 
 
 @dataclass(frozen=True)
@@ -733,8 +735,8 @@ def _delta_claim(
         measured=f"DeltaNet {_cell(delta, top)}, linear elu {_cell(elu, top)}: "
         f"{gain:+.3f} (medians over {len(s.seeds)} seeds)",
         passed=gain > DELTA_MARGIN and 0 < states[0] <= states[1],
-        tolerance=f"> {DELTA_MARGIN} (the quick profile's seeds of the two models are "
-        "further apart than this; see the table)",
+        tolerance=f"> {DELTA_MARGIN}, and the attention state no larger (in development "
+        "every DeltaNet seed beat every elu seed by more than this)",
         could_fail_if="the delta rule's erase term -beta k k^T S were lost (the layer "
         "would be unnormalised linear attention with a write gate and recall no better "
         "than elu), keys were not L2-normalised (beta k k^T no longer a projection: the "
