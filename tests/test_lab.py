@@ -434,7 +434,7 @@ def test_report_builder_writes_html_and_json(
         exp
     )
     assert {"theory", "measured", "verdict", "tolerance", "could_fail_if"} <= set(exp["claims"][0])
-    assert {"cpu_seconds", "cpu_durations"} <= set(doc)
+    assert {"cpu_seconds", "cpu_durations", "load_averages"} <= set(doc)
     html = index.read_text()
     assert html.count("data:image/png;base64,") == len(results["scaling"].figures) + len(
         results["argmax"].figures
@@ -483,6 +483,7 @@ def test_cli_report_all_experiments(tmp_path: Path) -> None:
     doc = json.loads((out / "results.json").read_text())
     assert list(doc["experiments"]) == experiment_names()
     assert set(doc["durations"]) == set(experiment_names())
+    assert set(doc["load_averages"]) == set(experiment_names())  # how busy the machine was
     # --strict turns failing claims into exit status 1 (the test profile trains 4 steps,
     # so the recall claims cannot pass there).
     assert doc["claims"]["failed"] > 0

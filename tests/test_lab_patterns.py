@@ -6,6 +6,8 @@ What each test would catch:
   differ, delimiters or masks in the wrong place;
 - the claims: a verdict that passes on an untrained model (the test profile trains 6
   steps, far too few for any head to form);
+- the decay / delta-rule layer: implicit weights that are not the ones its output used
+  (wrong gates, a missing L2 norm, a layer that is not linear in v after all);
 - the slow test: a training set-up (model, optimiser, data) or a capture path that no
   longer produces the circuit the claims describe.
 """
@@ -26,6 +28,8 @@ from attnkit.lab.patterns import (
     SEP,
     SETTINGS,
     AttentionOnlyLM,
+    GatedAttention,
+    _capture,
     _chains,
     encoder_batch,
     formation_step,
@@ -83,6 +87,42 @@ def test_attention_only_lm_is_captured_with_any_backend() -> None:
         maps = capture(model, torch.randint(1, 20, (2, 12)))
         assert maps.weights.shape == (2, 2, 2, 12, 12)
         torch.testing.assert_close(maps.weights.sum(-1), torch.ones(2, 2, 2, 12))
+
+
+@pytest.mark.parametrize("kind", ["decay", "delta"])
+def test_gated_attention_weights_are_the_ones_its_output_used(kind: str) -> None:
+    """out = W_o (A V) + b for the captured A, in float64; A is causal, and the delta
+    rule's A is built from L2-normalised q, k (scaling q, k changes nothing)."""
+    torch.manual_seed(0)
+    layer = GatedAttention(16, 2, gated=kind).double()
+    x = torch.randn(3, 11, 16, dtype=torch.float64)
+    layer.record = []
+    out = layer(x)
+    (A,) = layer.record
+    assert A.shape == (3, 2, 11, 11) and A.dtype == torch.float32
+    v = layer.v_proj(x).view(3, 11, 2, 8).transpose(1, 2)
+    mixed = (A.double() @ v).transpose(1, 2).reshape(3, 11, 16)
+    torch.testing.assert_close(out, layer.out_proj(mixed), atol=1e-5, rtol=1e-5)
+    assert torch.all(A.triu(1) == 0) and A.abs().sum() > 0
+    if kind == "delta":  # q and k are normalised: scaling their projections is invisible
+        layer.record = []
+        with torch.no_grad():
+            layer.q_proj.weight.mul_(3.0), layer.q_proj.bias.mul_(3.0)
+            layer.k_proj.weight.mul_(0.5), layer.k_proj.bias.mul_(0.5)
+        torch.testing.assert_close(layer(x), out, atol=1e-6, rtol=1e-5)  # eps in the norm
+    with pytest.raises(ValueError, match="gated must be 'decay' or 'delta'"):
+        GatedAttention(16, 2, gated="gla")
+
+
+def test_attention_only_lm_is_captured_with_decay_and_delta_rule() -> None:
+    tokens = torch.randint(1, 20, (2, 12))
+    for kind in ("decay", "delta"):
+        model = AttentionOnlyLM(20, 16, 2, 2, 12, gated=kind)
+        maps = _capture(model, tokens)
+        assert maps.weights.shape == (2, 2, 2, 12, 12) and maps.layers == ("layers.0", "layers.1")
+        assert all(m.record is None for m in model.layers)  # the recorder is removed
+    soft = AttentionOnlyLM(20, 16, 2, 2, 12, backend="softmax")
+    torch.testing.assert_close(_capture(soft, tokens).weights, capture(soft, tokens).weights)
 
 
 def test_claims_fail_on_an_untrained_model(tmp_path: Path) -> None:

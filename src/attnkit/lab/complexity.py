@@ -8,14 +8,21 @@ Series (batch 1, H heads, key width D, value width M, float32, forward pass):
 - the quadratic kernel reference (:func:`attnkit.kernel_attention`) with sim = (q.k + 1)^2
   (:func:`attnkit.kernel_attention`), non-causal;
 - linearized attention (:func:`attnkit.linear_attention`), non-causal
-  and causal (chunked), with every registered feature map.
+  and causal (chunked), with every registered feature map;
+- causal decay attention with a scalar gate per head and token (simple GLA / Mamba-2,
+  :func:`attnkit.gated_linear_attention`) and the gated delta rule (Gated DeltaNet,
+  :func:`attnkit.delta_rule_attention` with q, k L2-normalised), both the chunked fast
+  path: S_t = a_t S_{t-1} + k_t v_t^T, resp. S_t = a_t (I - beta_t k_t k_t^T) S_{t-1} +
+  beta_t k_t v_t^T, in chunks of C = 64 tokens (Yang et al. 2024).
 
 Theory (Katharopoulos et al. 2020; Dao et al. 2022): softmax costs O(N^2 (D + M))
 time; the plain math holds the N x N scores (memory O(N^2)), a fused kernel tiles them
 and recomputes them in its backward pass (O(N)); linear attention costs O(N D' M) time
 and O(N D') memory, O(N (D + M)) when phi is recomputed in the backward pass. So, as
 N grows, linear attention overtakes softmax at a crossover N* that grows with the
-feature width D'.
+feature width D'. The gated ops keep a D x M state per head and, within a chunk, C x C
+blocks: O(N C (D + M) + N D M) time and O(N (D + M)) memory held for backward, so
+their time grows like N and their training memory per token stays flat.
 
 What is compared with what:
 
@@ -56,7 +63,14 @@ from attnkit.cost import count_flops, evaluate, fit_loglog, flops, memory
 from attnkit.lab import plotting
 from attnkit.lab.core import EXPERIMENTS, Context, Experiment, ExperimentResult, Table
 from attnkit.lab.measure import saved_tensor_bytes
-from attnkit.ops import kernel_attention, linear_attention, sdpa
+from attnkit.ops import (
+    delta_rule_attention,
+    gated_linear_attention,
+    kernel_attention,
+    linear_attention,
+    sdpa,
+)
+from attnkit.ops.gated_chunked import DEFAULT_CHUNK
 from attnkit.ops.linear import auto_chunk_size
 
 __all__ = ["SETTINGS", "ComplexitySettings", "run"]
@@ -69,6 +83,10 @@ SLOPE_TOL = 0.35
 #: Counted FLOPs follow the model's exponent within this (rounding of the padded
 #: last chunk and of small N only).
 WORK_TOL = 0.05
+#: The gated ops' bytes saved for backward per token may vary by at most this factor
+#: over the fit window: O(N) memory keeps it near 1 (the one D x M state per tile is
+#: the only non-proportional term), O(N C) would too, but O(N^2) doubles it with N.
+PER_TOKEN_TOL = 1.25
 
 
 @dataclass(frozen=True)
@@ -115,7 +133,7 @@ SETTINGS: dict[str, ComplexitySettings] = {
 @dataclass(frozen=True)
 class _Series:
     label: str  # legend text
-    family: str  # "softmax", "kernel", "linear"
+    family: str  # "softmax", "kernel", "linear", "gated" (decay, delta rule)
     causal: bool
     feature_map: str | None  # linear only
     cost_variant: str  # attnkit.cost variant whose exponent is the prediction
@@ -134,12 +152,33 @@ def _series() -> list[_Series]:
     for name in feature_maps.available():
         out.append(_Series(name, "linear", False, name, "linear"))
         out.append(_Series(name, "linear", True, name, "linear_fast"))
+    out.append(_Series("decay (scalar gate)", "gated", True, None, "gla_chunked"))
+    out.append(_Series("gated delta rule", "gated", True, None, "gated_delta_chunked"))
     return out
 
 
-def _call(
-    series: _Series, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi: Any
-) -> Callable[[], object]:
+def _inputs(
+    series: _Series, s: ComplexitySettings, n: int, gen: torch.Generator
+) -> list[torch.Tensor]:
+    """q, k, v [1, H, N, D or M]; for the gated ops also g [1, H, N] (log-decay < 0) and,
+    for the delta rule, beta [1, H, N] in (0, 1)."""
+    q = torch.randn(1, s.heads, n, s.key_width, generator=gen) / s.key_width**0.25
+    k = torch.randn(1, s.heads, n, s.key_width, generator=gen) / s.key_width**0.25
+    v = torch.randn(1, s.heads, n, s.value_width, generator=gen)
+    if series.family != "gated":
+        return [q, k, v]
+    g = torch.nn.functional.logsigmoid(torch.randn(1, s.heads, n, generator=gen) + 4.0)
+    if series.cost_variant == "gla_chunked":
+        return [q, k, v, g]
+    return [q, k, v, g, torch.sigmoid(torch.randn(1, s.heads, n, generator=gen))]
+
+
+def _call(series: _Series, inputs: list[torch.Tensor], phi: Any) -> Callable[[], object]:
+    q, k, v = inputs[:3]
+    if series.family == "gated":
+        if series.cost_variant == "gla_chunked":
+            return lambda: gated_linear_attention(q, k, v, inputs[3])
+        return lambda: delta_rule_attention(q, k, v, inputs[4], inputs[3], use_qk_l2norm=True)
     if series.family == "softmax":
         return lambda: sdpa(q, k, v, is_causal=series.causal)
     if series.family == "kernel":
@@ -152,24 +191,28 @@ def _call(
 def _lengths(series: _Series, s: ComplexitySettings) -> tuple[int, ...]:
     if series.family == "kernel":
         return tuple(n for n in s.lengths + s.quadratic_lengths if n <= s.kernel_max)
-    if series.family == "linear":
+    if series.family in ("linear", "gated"):
         return s.lengths + s.linear_lengths
     return s.lengths + s.quadratic_lengths
 
 
-def _sizes(s: ComplexitySettings, n: int, dp: int) -> dict[str, int]:
+def _sizes(s: ComplexitySettings, n: int, dp: int, series_gated: bool = False) -> dict[str, int]:
     # The chunk the causal path picks (at least 1 so the model evaluates for softmax too).
     chunk = auto_chunk_size(n, max(dp, 1), s.value_width)
     return {
         "B": 1,
         "H": s.heads,
+        "Hv": s.heads,  # the gated ops' names: state heads, queries per state head,
+        "G": 1,  # key and value widths
+        "D": s.key_width,
+        "M": s.value_width,
         "Hk": s.heads,
         "L": n,
         "S": n,
         "E": s.key_width,
         "Ev": s.value_width,
         "Dp": dp,
-        "C": chunk,
+        "C": DEFAULT_CHUNK if series_gated else chunk,
         "w": 4,
     }
 
@@ -180,6 +223,8 @@ def _model(
     """The cost model's FLOPs, matmul FLOPs and memory held for backward (symbolic)."""
     f = flops(series.cost_variant, "forward")
     fm = flops(series.cost_variant, "forward", matmul_only=True)
+    if series.family == "gated":  # the fast paths recompute their chunk blocks in backward
+        return f, fm, memory(series.cost_variant, "train", activations="recompute")
     if series.family == "softmax":
         # torch's fused kernel (D = M) never holds the N x N weights: the cost model's
         # softmax with them recomputed (flash-style); the plain math path keeps them.
@@ -205,7 +250,9 @@ def run(ctx: Context) -> ExperimentResult:
             f">= {s.repeats} calls (the least disturbed by other work on the machine; the "
             f"medians are in results.json), memory what autograd saves for the backward "
             f"pass (inputs included when saved). "
-            f"Feature maps: {', '.join(feature_maps.available())}."
+            f"Feature maps: {', '.join(feature_maps.available())}. Decay and gated delta "
+            f"rule: causal, chunked (C = {DEFAULT_CHUNK}), random log-decays "
+            f"log sigmoid(x + 4) and, for the delta rule, beta = sigmoid(x), x ~ N(0, 1)."
         ),
     )
     series = _series()
@@ -219,17 +266,15 @@ def run(ctx: Context) -> ExperimentResult:
         f_model, fm_model, m_model = _model(sr, s, dp)
         points = []
         for n in _lengths(sr, s):
-            q = torch.randn(1, s.heads, n, s.key_width, generator=gen) / s.key_width**0.25
-            k = torch.randn(1, s.heads, n, s.key_width, generator=gen) / s.key_width**0.25
-            v = torch.randn(1, s.heads, n, s.value_width, generator=gen)
-            call = _call(sr, q, k, v, phi)
+            inputs = _inputs(sr, s, n, gen)
+            call = _call(sr, inputs, phi)
             with torch.no_grad():
                 counted = count_flops(call)  # also the warm-up of the timed calls
                 timing = time_call(call, repeats=s.repeats, warmup=0, min_time=s.min_time)
-            for t in (q, k, v):
+            for t in inputs:
                 t.requires_grad_(True)
             held = saved_tensor_bytes(call)  # one forward with grad
-            sz = _sizes(s, n, dp)
+            sz = _sizes(s, n, dp, sr.family == "gated")
             points.append(
                 {
                     "N": n,
@@ -298,7 +343,7 @@ def _table(data: dict[str, dict[str, Any]]) -> Table:
 
 def _fits(data: dict[str, dict[str, Any]], s: ComplexitySettings) -> None:
     for d in data.values():
-        start = s.fit_from_linear if d["family"] == "linear" else s.fit_from_quadratic
+        start = s.fit_from_linear if d["family"] in ("linear", "gated") else s.fit_from_quadratic
         pts = [p for p in d["points"] if p["N"] >= start]
         if len(pts) < 3:
             d["fit"] = None
@@ -387,7 +432,10 @@ def _crossovers(data: dict[str, dict[str, Any]], s: ComplexitySettings) -> None:
 
 
 def _window(s: ComplexitySettings) -> str:
-    return f"N >= {s.fit_from_quadratic} (softmax, kernel) and N >= {s.fit_from_linear} (linear)"
+    return (
+        f"N >= {s.fit_from_quadratic} (softmax, kernel) and N >= {s.fit_from_linear} "
+        "(linear, decay, delta rule)"
+    )
 
 
 def _slope_text(slope: float | None) -> str:
@@ -462,6 +510,16 @@ def _claims(
         "linear attention did quadratic work or traffic anywhere (e.g. materialised the "
         "N x N similarities, or copied its running state once per token: slope near 2)",
     )
+    gated = [k for k, d in fitted.items() if d["family"] == "gated"]
+    slope_claim(
+        "gated_time",
+        "Decay attention and the gated delta rule (chunked) take time O(N)",
+        gated,
+        "the chunked path did quadratic work: e.g. one chunk as long as the sequence, the "
+        "L x L decay matrix exp(G_i - G_j) formed whole, or the delta rule's triangular "
+        "solve run over the whole sequence (slope near 2)",
+    )
+    _per_token_claim(result, {k: fitted[k] for k in gated}, s)
 
     def mem_dev(k: str) -> float:
         f = fitted[k]["fit"]
@@ -516,6 +574,43 @@ def _claims(
         could_fail_if="a linear attention never became faster than softmax (quadratic "
         "after all), or ran at a small fraction of softmax's FLOP rate (N* far beyond "
         "the FLOP model's)",
+    )
+
+
+def _per_token_claim(
+    result: ExperimentResult, gated: dict[str, dict[str, Any]], s: ComplexitySettings
+) -> None:
+    """Training memory per token of the gated ops is flat over the fit window."""
+    if not gated:
+        return
+    window = {k: [p for p in d["points"] if p["N"] >= s.fit_from_linear] for k, d in gated.items()}
+    per_token = {k: [p["saved_bytes"] / p["N"] for p in pts] for k, pts in window.items()}
+    model = {k: [p["bytes_held_model"] / p["N"] for p in pts] for k, pts in window.items()}
+    spread = {k: max(b) / min(b) for k, b in per_token.items() if b and min(b) > 0}
+    within = all(m <= mm for k in per_token for m, mm in zip(per_token[k], model[k], strict=True))
+    result.numbers["gated_saved_bytes_per_token"] = per_token
+    result.claim(
+        "gated_memory_per_token",
+        "Training memory of decay attention and the gated delta rule is flat per token: "
+        "the bytes saved for backward grow like N (the chunk blocks are recomputed)",
+        theory=f"saved bytes / N the same at every N >= {s.fit_from_linear}, at most the "
+        "cost model's memory held for backward per token (blocks recomputed): "
+        + ", ".join(f"{k}: {max(m):,.0f} B" for k, m in model.items()),
+        measured=", ".join(
+            f"{k}: {min(b):,.0f} to {max(b):,.0f} B per token" for k, b in per_token.items()
+        )
+        + " (bytes autograd saves)",
+        passed=len(spread) == len(gated)
+        and all(x <= PER_TOKEN_TOL for x in spread.values())
+        and within,
+        tolerance=f"max / min of the bytes per token <= {PER_TOKEN_TOL} over "
+        f"N = {s.fit_from_linear} .. {max(s.lengths + s.linear_lengths)}, and each <= the "
+        "model's at the same N",
+        could_fail_if="the forward kept what its backward should recompute: the state "
+        "after every token or chunk position (D x M floats per token, several times the "
+        "model's bytes per token), or an N x N decay matrix (the bytes per token double "
+        "with every doubling of N)",
+        value=max(spread.values()) if spread else None,
     )
 
 

@@ -55,11 +55,19 @@ from torch import Tensor, nn
 from attnkit.lab import plotting
 from attnkit.lab.core import EXPERIMENTS, Context, Experiment, ExperimentResult, Table
 from attnkit.layers import MultiHeadAttention
-from attnkit.patterns import AttentionMaps, capture, record_attention
+from attnkit.ops import delta_rule_attention, gated_linear_attention
+from attnkit.patterns import (
+    AttentionMaps,
+    capture,
+    implicit_weights,
+    record_attention,
+    row_distributions,
+)
 
 __all__ = [
     "SETTINGS",
     "VARIANTS",
+    "GatedAttention",
     "PatternSettings",
     "TinyEncoder",
     "encoder_batch",
@@ -71,16 +79,23 @@ __all__ = [
 
 SEED = 15
 
-#: Induction-part variants: name -> TinyLM keyword arguments.
+#: Induction-part variants: name -> the attention layer's keyword arguments
+#: (:class:`attnkit.MultiHeadAttention`'s, or ``{"gated": kind}`` for
+#: :class:`GatedAttention`).
 VARIANTS: dict[str, dict[str, Any]] = {
     "softmax": {"backend": "softmax"},
     "linear elu": {"backend": "linear", "feature_map": "elu"},
     "Taylor": {"backend": "linear", "feature_map": "taylor"},
-    # HOOK (decay / delta rule): once they are attention backends, one line each, e.g.
-    # "decay": {"backend": "decay"}, "delta rule": {"backend": "delta_rule"},
-    # capture reads any backend through one-hot values, so nothing else changes.
+    "decay": {"gated": "decay"},
+    "delta rule": {"gated": "delta"},
 }
-_COLORS = {"softmax": "#1f77b4", "linear elu": "#ff7f0e", "Taylor": "#2ca02c"}
+_COLORS = {
+    "softmax": "#1f77b4",
+    "linear elu": "#ff7f0e",
+    "Taylor": "#2ca02c",
+    "decay": "#9467bd",
+    "delta rule": "#8c564b",
+}
 
 BOS = 0
 # Encoder vocabulary: special ids first, then the content tokens.
@@ -176,6 +191,85 @@ def _eval_batch(s: PatternSettings, n: int, gen: torch.Generator) -> Tensor:
     return torch.cat([torch.full((n, 1), BOS), draws, draws], dim=1)
 
 
+class GatedAttention(nn.Module):
+    r"""Decay or delta-rule attention in the shape of a multi-head attention layer.
+
+    q, k, v and the output are the linear maps of :class:`attnkit.MultiHeadAttention`
+    (no norm, no output gate, no convolution: the attention-only setting of Olsson et
+    al.); the state's gates come from the layer input x, per head and token::
+
+        g    = -exp(A_log) softplus(x W_a + dt_bias)            log-decay <= 0
+        beta = sigmoid(x W_b)                                   delta rule only
+        decay:      S_t = exp(g_t) S_{t-1} + k_t v_t^T          (simple GLA, Mamba-2)
+        delta rule: S_t = S_{t-1} + beta_t k_t (v_t - S_{t-1}^T k_t)^T
+                    (DeltaNet, Schlag et al. 2021; Yang et al. 2024), q, k L2-normalised
+        o_t = S_t^T q_t / sqrt(d_head);   out = o W_o
+
+    The decay's initialisation is Mamba's (Gu & Dao 2023), as in
+    :class:`attnkit.layers.delta.GatedDeltaNet`. Both ops are linear in v for fixed q, k
+    and gates, so the weight matrix the output used is the op run on one-hot values
+    (:func:`attnkit.patterns.implicit_weights`); with ``record`` set to a list, each
+    forward appends it, [B, H, L, L].
+
+    Shapes: x [B, L, d_model] -> [B, L, d_model].
+    """
+
+    def __init__(self, d_model: int, n_heads: int, *, gated: str) -> None:
+        super().__init__()
+        if gated not in ("decay", "delta"):
+            raise ValueError(f"gated must be 'decay' or 'delta', got {gated!r}")
+        if d_model % n_heads != 0:
+            raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
+        self.kind, self.n_heads, self.d_v = gated, n_heads, d_model // n_heads
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.k_proj = nn.Linear(d_model, d_model)
+        self.v_proj = nn.Linear(d_model, d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+        self.a_proj: nn.Linear | None = None
+        self.b_proj: nn.Linear | None = None
+        if gated == "decay":
+            self.a_proj = nn.Linear(d_model, n_heads)
+            self.A_log = nn.Parameter(torch.empty(n_heads).uniform_(1.0, 16.0).log())
+            dt = torch.exp(torch.empty(n_heads).uniform_(math.log(1e-3), math.log(1e-1)))
+            self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
+        else:
+            self.b_proj = nn.Linear(d_model, n_heads)
+        self.record: list[Tensor] | None = None
+
+    def _heads(self, x: Tensor) -> Tensor:
+        B, L, _ = x.shape
+        return x.view(B, L, self.n_heads, self.d_v).transpose(1, 2)  # [B, H, L, d]
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, L, d = x.shape
+        q, k, v = (
+            self._heads(self.q_proj(x)),
+            self._heads(self.k_proj(x)),
+            self._heads(self.v_proj(x)),
+        )
+        op: Callable[[Tensor], Tensor]
+        if self.a_proj is not None:
+            a = F.softplus(self.a_proj(x) + self.dt_bias).transpose(1, 2)  # [B, H, L]
+            g = -self.A_log.exp()[:, None] * a
+
+            def op(values: Tensor) -> Tensor:
+                return gated_linear_attention(q, k, values, g)[0]
+
+        else:
+            assert self.b_proj is not None
+            beta = torch.sigmoid(self.b_proj(x)).transpose(1, 2)  # [B, H, L]
+
+            def op(values: Tensor) -> Tensor:
+                return delta_rule_attention(q, k, values, beta, use_qk_l2norm=True)[0]
+
+        o = op(v)
+        if self.record is not None:
+            with torch.no_grad():
+                self.record.append(implicit_weights(op, k).detach().float().cpu())
+        out: Tensor = self.out_proj(o.transpose(1, 2).reshape(B, L, d))
+        return out
+
+
 class AttentionOnlyLM(nn.Module):
     """Olsson et al.'s attention-only transformer: embeddings, N attention layers, unembedding.
 
@@ -185,7 +279,8 @@ class AttentionOnlyLM(nn.Module):
     development runs each of the alternatives (LayerNorm, tied embeddings, or GPT-2's
     N(0, 0.02) initialisation, as :class:`attnkit.TinyLM` has) kept the model on the
     "predict a token seen before" plateau for 800-3000 steps, past this budget.
-    Attention is :class:`attnkit.MultiHeadAttention` with any backend.
+    Attention is :class:`attnkit.MultiHeadAttention` with any backend, or
+    :class:`GatedAttention` (``gated="decay"`` or ``"delta"``).
 
     Shapes: tokens [B, L] -> logits [B, L, vocab].
     """
@@ -203,7 +298,9 @@ class AttentionOnlyLM(nn.Module):
         self.tok = nn.Embedding(vocab, d_model)
         self.pos = nn.Embedding(max_len, d_model)
         self.layers = nn.ModuleList(
-            MultiHeadAttention(d_model, n_heads, is_causal=True, **attention)
+            GatedAttention(d_model, n_heads, **attention)
+            if "gated" in attention
+            else MultiHeadAttention(d_model, n_heads, is_causal=True, **attention)
             for _ in range(n_layers)
         )
         self.unembed = nn.Linear(d_model, vocab)
@@ -238,8 +335,8 @@ def _copy_losses(logits: Tensor, x: Tensor, T: int) -> tuple[float, float]:
 def _ablate(model: AttentionOnlyLM, layer: int, head: int) -> Iterator[None]:
     """Zero one head's output (its slice of the output projection's input) in a layer."""
     attn = model.layers[layer]
-    if not isinstance(attn, MultiHeadAttention):  # pragma: no cover - TinyLM's blocks
-        raise TypeError("expected a MultiHeadAttention layer")
+    if not isinstance(attn, (MultiHeadAttention, GatedAttention)):  # pragma: no cover
+        raise TypeError("expected a MultiHeadAttention or GatedAttention layer")
     width = attn.d_v
 
     def hook(module: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
@@ -255,16 +352,55 @@ def _ablate(model: AttentionOnlyLM, layer: int, head: int) -> Iterator[None]:
         handle.remove()
 
 
+@contextmanager
+def _recorded(model: AttentionOnlyLM) -> Iterator[list[Tensor]]:
+    """The weights [B, H, L, L] of every layer of one forward, in layer order."""
+    gated = [m for m in model.layers if isinstance(m, GatedAttention)]
+    if not gated:
+        with record_attention(model) as rec:
+            weights: list[Tensor] = []
+            yield weights
+            weights.extend(r.weights for r in rec.records)
+        return
+    weights = []
+    for m in gated:
+        m.record = weights
+    try:
+        yield weights
+    finally:
+        for m in gated:
+            m.record = None
+
+
+def _capture(model: AttentionOnlyLM, tokens: Tensor) -> AttentionMaps:
+    """:func:`attnkit.patterns.capture` for any variant (one eval-mode forward)."""
+    if not any(isinstance(m, GatedAttention) for m in model.layers):
+        return capture(model, tokens)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), _recorded(model) as weights:
+            model(tokens)
+    finally:
+        model.train(was_training)
+    return AttentionMaps(
+        weights=torch.stack(weights),
+        layers=tuple(f"layers.{i}" for i in range(len(weights))),
+        tokens=tokens,
+        source=f"AttentionOnlyLM ({model.layers[0].kind} attention)",
+    )
+
+
 @torch.no_grad()
 def _measure(model: AttentionOnlyLM, x: Tensor, T: int) -> dict[str, Any]:
     """Held-out losses and head scores in one forward (weights recorded on the way)."""
     model.eval()
-    with record_attention(model) as rec:
+    with _recorded(model) as weights:
         logits = model(x[:, :-1])
     model.train()
     maps = AttentionMaps(
-        weights=torch.stack([r.weights for r in rec.records]),
-        layers=tuple(r.name for r in rec.records),
+        weights=torch.stack(weights),
+        layers=tuple(f"layers.{i}" for i in range(len(weights))),
         tokens=x[:, :-1],
     )
     first, second = _copy_losses(logits, x, T)
@@ -318,7 +454,7 @@ def train_induction(
         with _ablate(model, 0, h):
             m = _measure(model, held_out, s.period_max)
         ablations.append({"head": h, "copy2_loss": m["copy2_loss"], "induction": m["induction"]})
-    maps = capture(model, held_out[:, :-1])
+    maps = _capture(model, held_out[:, :-1])
     return {
         "variant": variant,
         "seed": seed,
@@ -563,12 +699,41 @@ def run(ctx: Context) -> ExperimentResult:
         "one torch thread (the matmuls are too small for a second one to help). On a "
         "shared machine the wall time grows with the other load; the CPU time does not."
     )
-    result.notes.append(
-        "Decay and delta-rule attention plug into this experiment with one line each in "
-        "VARIANTS (src/attnkit/lab/patterns.py) once they are MultiHeadAttention backends: "
-        "their weights are read through one-hot values like linear attention's."
-    )
+    gated = _gated_note(s, runs)
+    if gated:
+        result.notes.append(gated)
     return result
+
+
+def _gated_note(s: PatternSettings, runs: dict[str, dict[str, Any]]) -> str:
+    """What the decay and delta-rule models learned (reported, not claimed)."""
+    parts = []
+    for v, r in runs.items():
+        if "gated" not in VARIANTS[v]:
+            continue
+        f = r["final"]
+        scores = f["scores"]
+        broad = max(range(s.n_heads), key=lambda h: scores["entropy"][0][h])
+        parts.append(
+            f"{v}: second-copy loss {f['copy2_loss']:.2f} nats (first copy "
+            f"{f['copy1_loss']:.2f}, in-context gain {f['copy1_loss'] - f['copy2_loss']:.2f}); "
+            f"best layer-2 induction score {f['induction']:.3f} and layer-1 previous-token "
+            f"score {f['previous']:.3f} ({'an' if f['induction'] > 0.5 else 'no'} "
+            "induction-like pattern, threshold 0.5 as for softmax); "
+            f"its broadest layer-1 head (head {broad}) has entropy "
+            f"{scores['entropy'][0][broad]:.2f} nats (uniform over the {2 * s.period_max} "
+            f"positions: {math.log(2 * s.period_max):.2f})"
+        )
+    if not parts:
+        return ""
+    return (
+        "Decay (scalar-gate gated linear attention) and delta-rule attention, same model, "
+        f"data, steps and seed: {'; '.join(parts)}. Their weights are the implicit, "
+        "unnormalised ones (the op run on one-hot values), scored as |A| row by row. "
+        "Reported, not claimed: an in-context gain without an induction head comes from a "
+        "head that spreads over every earlier token (which tokens were seen), not from "
+        "looking up the earlier occurrence."
+    )
 
 
 def _plateau(s: PatternSettings) -> float:
@@ -987,7 +1152,8 @@ def _figures(
         for layer in range(2):
             for head in range(s.n_heads):
                 ax = axes[(2 * i + layer) * s.n_heads + head]
-                ax.imshow(maps.head(layer, head).numpy(), vmin=0, vmax=1, cmap="viridis")
+                rows = row_distributions(maps.head(layer, head))[0]  # |A| rows summing to 1
+                ax.imshow(rows.numpy(), vmin=0, vmax=1, cmap="viridis")
                 ax.set_xticks([])
                 ax.set_yticks([])
                 ax.grid(False)
@@ -1009,7 +1175,9 @@ def _figures(
             "twice after BOS (row = query, column = key, brighter = more weight). Theory: a "
             "previous-token head is the line just below the diagonal, an induction head "
             f"the line {s.period_max - 1} below it in the second half. Linear attention's "
-            "weights are its implicit ones, phi(q_i).phi(k_j) / sum_j' phi(q_i).phi(k_j').",
+            "weights are its implicit ones, phi(q_i).phi(k_j) / sum_j' phi(q_i).phi(k_j'); "
+            "decay and delta-rule weights (the op on one-hot values) are unnormalised and "
+            "drawn as |A| / (row sum of |A|).",
         )
     )
     if soft is not None:

@@ -47,6 +47,7 @@ from attnkit.lab.core import (
     ExperimentResult,
     Profile,
     check_profile,
+    cpu_time,
     experiment_names,
     get_experiment,
     jsonable,
@@ -94,6 +95,9 @@ class LabRun:
     cpu_seconds: float = 0.0
     environment: dict[str, Any] = field(default_factory=dict)
     command: str = ""
+    # name -> the 1-minute load average when that experiment ended (None where the
+    # platform has none): how busy the machine was while the wall times were measured
+    load_averages: dict[str, float | None] = field(default_factory=dict)
 
     @property
     def claims(self) -> list[Any]:
@@ -106,6 +110,14 @@ class LabRun:
 
 def _ignore(n: int) -> None:
     return None
+
+
+def load_average() -> float | None:
+    """The 1-minute load average of the machine (None where the platform has none)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # pragma: no cover - not Unix
+        return None
 
 
 @contextmanager
@@ -148,7 +160,7 @@ def run_experiments(
         environment=environment(),
         command=command,
     )
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0, c0 = time.perf_counter(), cpu_time()
     with _progress(console, show_progress) as bar:
 
         def hook(description: str, total: int) -> Callable[[int], None]:
@@ -165,6 +177,7 @@ def run_experiments(
             ctx = Context(profile=prof, figures=Path(out) / "figures", progress=hook)
             result = get_experiment(name)(ctx)
             run.results.append(result)
+            run.load_averages[name] = load_average()
             if console is not None:
                 ok = sum(c.passed for c in result.claims)
                 colour = "green" if result.passed else "yellow"
@@ -173,7 +186,7 @@ def run_experiments(
                     f"({result.seconds:.1f} s, {result.cpu_seconds:.1f} s CPU)"
                 )
     run.seconds = time.perf_counter() - t0
-    run.cpu_seconds = time.process_time() - c0
+    run.cpu_seconds = cpu_time() - c0
     return run
 
 
@@ -195,6 +208,7 @@ def to_json(run: LabRun, out: Path) -> dict[str, Any]:
             "seeds": {r.name: r.seed for r in run.results},
             "durations": {r.name: r.seconds for r in run.results},
             "cpu_durations": {r.name: r.cpu_seconds for r in run.results},
+            "load_averages": dict(run.load_averages),
             "claims": {
                 "total": len(claims),
                 "passed": run.passed,
@@ -306,10 +320,19 @@ def to_html(run: LabRun) -> str:
     parts.append(
         f"</ul><p>Wall time of this {_e(run.profile)} run: <b>{run.seconds:.1f} s</b> ("
         + ", ".join(f"{_e(r.name)} {r.seconds:.1f} s" for r in run.results)
-        + f"); CPU time of this process, all threads: {run.cpu_seconds:.1f} s ("
+        + f"); CPU time of this process (all threads) and its worker processes: "
+        f"{run.cpu_seconds:.1f} s ("
         + ", ".join(f"{_e(r.name)} {r.cpu_seconds:.1f} s" for r in run.results)
         + "). On a machine shared with other work the wall time grows; the CPU time "
-        "much less.</p></body></html>\n"
+        "much less."
+        + (
+            " One-minute load average at the end of each experiment: "
+            + ", ".join(f"{_e(k)} {v:.1f}" for k, v in run.load_averages.items() if v is not None)
+            + f" ({_e(run.environment.get('cpu_count'))} cores visible)."
+            if any(v is not None for v in run.load_averages.values())
+            else ""
+        )
+        + "</p></body></html>\n"
     )
     return "".join(parts)
 
