@@ -5,8 +5,8 @@ Series (batch 1, H heads, key width D, value width M, float32, forward pass):
 - softmax attention through torch's fused SDPA kernel, non-causal and causal (D = M:
   torch's CPU flash kernel needs equal widths and otherwise falls back to its plain
   math path, which holds the N x N weights);
-- the quadratic kernel reference (:func:`attnkit.kernel_attention`) with sim = (q.k + 1)^2
-  (:func:`attnkit.kernel_attention`), non-causal;
+- the quadratic kernel reference (:func:`attnkit.kernel_attention`) with
+  sim = (q.k + 1)^2, non-causal;
 - linearized attention (:func:`attnkit.linear_attention`), non-causal
   and causal (chunked), with every registered feature map;
 - causal decay attention with a scalar gate per head and token (simple GLA / Mamba-2,
