@@ -288,3 +288,75 @@ class Report:
             "machine": self.peaks.to_json() if self.peaks is not None else None,
             "cases": [c.to_json(self.peaks) for c in self.cases],
         }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Report:
+        """The report back from :meth:`to_json`'s output, for rendering saved results.
+
+        Derived numbers (rates, fractions of peak) are recomputed from the stored
+        timings, work and peaks, so ``Report.from_json(r.to_json()).to_json()``
+        equals ``r.to_json()``; the docs render ``benchmarks/results/*.json`` this way.
+
+        Raises:
+            ValueError: ``data["schema"]`` is not :data:`SCHEMA`.
+        """
+        if data.get("schema") != SCHEMA:
+            raise ValueError(f"data['schema']: expected {SCHEMA!r}, got {data.get('schema')!r}")
+        machine = data.get("machine")
+        peaks = None
+        if machine is not None:
+            peaks = MachinePeaks(machine["matmul_gflops"] * 1e9, machine["copy_gbps"] * 1e9)
+        return cls(dict(data["meta"]), peaks, [_case_from_json(c) for c in data["cases"]])
+
+
+def _float(x: Any) -> float:
+    """A number from JSON, None (a NaN/inf that :func:`_finite` dropped) as NaN."""
+    return math.nan if x is None else float(x)
+
+
+def _row_from_json(d: dict[str, Any]) -> Row:
+    timing = None
+    if d.get("median_s") is not None or d["status"] == "ok":
+        timing = Timing(
+            _float(d["median_s"]), _float(d["min_s"]), _float(d["max_s"]), int(d["repeats"])
+        )
+    return Row(
+        label=d["label"],
+        params=dict(d["params"]),
+        timing=timing,
+        skipped=d.get("skipped"),
+        flops=d.get("flops"),
+        nbytes=d.get("bytes"),
+        metrics=dict(d.get("metrics", {})),
+        computed_flops=d.get("computed_flops"),
+        speedup=d.get("speedup"),
+        time_ratio=d.get("time_ratio"),
+    )
+
+
+def _case_from_json(d: dict[str, Any]) -> CaseResult:
+    sections = [
+        Section(
+            title=s["title"],
+            rows=[_row_from_json(r) for r in s["rows"]],
+            baseline=s.get("baseline"),
+            ratio=s.get("ratio", "speedup"),
+            notes=list(s.get("notes", [])),
+        )
+        for s in d["sections"]
+    ]
+    targets = [
+        Target(t["name"], t["value"], t["goal"], t["sense"], t.get("unit", ""))
+        for t in d.get("targets", [])
+    ]
+    return CaseResult(
+        name=d["name"],
+        title=d["title"],
+        config=dict(d.get("config", {})),
+        sections=sections,
+        targets=targets,
+        summary=dict(d.get("summary", {})),
+        notes=list(d.get("notes", [])),
+        seconds=_float(d.get("seconds")),
+        error=d.get("error"),
+    )
