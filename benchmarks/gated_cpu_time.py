@@ -1,6 +1,6 @@
 """Decay attention and the delta rule against their torch competitors, by CPU time.
 
-The issue's comparisons, side by side in one process with interleaved repeats, timed
+The gated benchmark cases' comparisons, side by side in one process with interleaved repeats, timed
 by the process's CPU time (``time.process_time``) at 1 thread: on a shared machine a
 busy neighbour inflates wall-clock times (and, at 2 threads, OpenMP barriers wait on
 the busy core), but barely the CPU time of a single-threaded process. Prints the

@@ -3,7 +3,7 @@
 ``attnkit.ops.linear_chunked`` cuts causal linear attention into tiles whose working
 set fits about ``CPU_TILE_BYTES`` (see ``plan_tiles``). This script times, in one
 process and interleaved round by round (so machine drift hits every budget alike),
-the forward and the forward + backward of the issue's configurations for several
+the forward and the forward + backward of the benchmark's configurations for several
 budgets (``attnkit.bench``'s ``time_interleaved``), and prints the median time of
 each relative to the default budget, with the tile plan each budget gives.
 "untiled" is one tile (what a GPU gets).

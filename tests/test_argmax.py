@@ -13,7 +13,7 @@ from torch import Tensor
 from attnkit.ops.argmax import ARGMAX_MODES, argmax_attention, modes
 from attnkit.ops.softmax import sdpa_reference
 
-# The design doc's worked example, one batch and one head: [1, 1, S, E].
+# The worked example (4 keys, 3 channels), one batch and one head: [1, 1, S, E].
 KEYS = torch.tensor([[1.0, 2, 0], [0, 3, 4], [5, 0, 0], [0, 0, 1]])[None, None]
 VALUES = torch.tensor([[2.0, 0, 1], [1, 4, 3], [0, -1, 4], [1, 0, -1]])[None, None]
 QUERY = torch.tensor([[1.0, 1, 2]])[None, None]

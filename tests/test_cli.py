@@ -18,7 +18,7 @@ def test_demo_passes_its_checks() -> None:
     assert result.exit_code == 0, result.output
     assert "(1.0, 4.0, 3.0)" in result.output
     assert "✗" not in result.output
-    assert "checks agree with the design doc" in result.output
+    assert "checks agree with the theory" in result.output
     assert "speed-up" in result.output
 
 

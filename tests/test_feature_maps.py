@@ -161,7 +161,7 @@ def _reference_power_series(x: Tensor, a: tuple[float, ...]) -> Tensor:
 
 
 def _design_quadratic(x: Tensor) -> Tensor:
-    """DESIGN.md's map for (q.k + 1)^2: [1, sqrt2 x_i, x_i^2, sqrt2 x_i x_j (i < j)]."""
+    """The map for (q.k + 1)^2: [1, sqrt2 x_i, x_i^2, sqrt2 x_i x_j (i < j)]."""
     d = x.shape[-1]
     i, j = torch.triu_indices(d, d, offset=1)
     ones = torch.ones(*x.shape[:-1], 1, dtype=x.dtype)

@@ -1,4 +1,4 @@
-"""kernel_attention (equation (4)): the O(L S) reference for any similarity.
+"""kernel_attention (equation (4) of attnkit.ops.kernel): the O(L S) reference for any similarity.
 
 Pinned against torch's SDPA (softmax), explicit formulas (polynomial, gaussian,
 taylor) and linear_attention's feature maps; forward and all gradients.

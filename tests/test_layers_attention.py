@@ -82,7 +82,7 @@ def _loop_reference(
 
 @pytest.mark.parametrize(("kind", "n_kv"), list(KV_HEADS.items()), ids=list(KV_HEADS))
 def test_value_heads_twice_as_wide_as_key_heads(kind: str, n_kv: int | None) -> None:
-    """DESIGN.md: W_v maps d_model -> 2 d_model, so W_o must map 2 d_model -> d_model."""
+    """d_v = 2 d_model / h: W_v maps d_model -> 2 d_model, so W_o must map 2 d_model -> d_model."""
     d_model, h = 16, 4
     mha = MultiHeadAttention(d_model, h, n_kv_heads=n_kv, d_v=2 * d_model // h)
     assert (mha.d_k, mha.d_v) == (4, 8)

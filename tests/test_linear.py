@@ -1,4 +1,4 @@
-"""linear_attention and linear_attention_step (equation (6)).
+"""linear_attention and linear_attention_step (equation (6) of attnkit.ops.linear).
 
 Every form is pinned to the quadratic reference kernel_attention(sim="linear") and to
 each other (chunked == recurrent, split + state == one call): outputs, final states
@@ -94,7 +94,7 @@ SHAPES = [
 SHAPE_IDS = [shape_id(s) for s in SHAPES]
 
 
-# ------------------------------------------------------------------ linear == kernel (eq. 4)
+# ----------------------------------------------------------------- linear == kernel_attention
 
 
 @pytest.mark.parametrize("normalize", [True, False], ids=["norm", "unnorm"])
@@ -135,7 +135,7 @@ def test_linear_equals_kernel_reference(name, shape, is_causal, dtype, normalize
 @pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_polynomial_map_equals_polynomial_kernel(dtype, is_causal) -> None:
-    """Quadratic map (DESIGN.md): phi(q).phi(k) = (q.k + 1)^2, width 1 + D + D(D+1)/2."""
+    """Quadratic map: phi(q).phi(k) = (q.k + 1)^2, width 1 + D + D(D+1)/2."""
     phi = feature_maps.get("polynomial", degree=2, c=1.0)
     assert phi.out_dim(6) == 1 + 6 + 6 * 7 // 2
     q, k, v = make_qkv(2, 4, 2, 11, 11, 6, 5, dtype=dtype, positive=True)

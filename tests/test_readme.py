@@ -97,10 +97,3 @@ def test_readme_scripts_run_with_their_own_command(index: int, tmp_path: Path) -
 def test_readme_names_the_two_setup_commands() -> None:
     text = README.read_text(encoding="utf-8")
     assert "bash scripts/main.sh" in text and "bash scripts/test.sh" in text
-
-
-def test_readme_cost_table_is_the_derived_one() -> None:
-    """The complexity table in the README is what `attnkit cost --table --markdown` derives."""
-    from attnkit.cost.table import markdown, rows
-
-    assert markdown(rows()).strip() in README.read_text(encoding="utf-8")

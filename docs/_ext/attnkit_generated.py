@@ -5,7 +5,6 @@ Before the pages are read it writes, under ``docs/_generated/`` (not tracked):
 - ``bench_tables.md``: every table of ``benchmarks/results/cpu.json`` (the JSON that
   ``attnkit bench --json`` writes), rendered by :func:`attnkit.bench.render.to_markdown`,
   the same renderer as the terminal tables;
-- ``bench_headline.md``: the headline cases alone;
 - ``cost_table.md``: the complexity table that ``attnkit cost --table --markdown`` prints.
 
 Pages pull them in with MyST's ``{include}`` directive, so a number in the docs is the
@@ -16,12 +15,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sphinx.application import Sphinx
+if TYPE_CHECKING:
+    from sphinx.application import Sphinx
 
-#: Cases shown on their own in the headline table (the rest are on the benchmarks page).
-HEADLINE = ("softmax_causal", "gated_delta_rule", "linear_chunked")
+#: The bench JSON that the benchmarks page renders, relative to the repository root.
+BENCH_JSON = Path("benchmarks") / "results" / "cpu.json"
 
 
 def _write_if_changed(path: Path, text: str) -> None:
@@ -29,21 +29,26 @@ def _write_if_changed(path: Path, text: str) -> None:
         path.write_text(text, encoding="utf-8")
 
 
-def generate(app: Sphinx) -> None:
+def write_generated(root: Path, out: Path) -> list[Path]:
+    """Write the generated Markdown of the repository at ``root`` into ``out``."""
     from attnkit.bench.render import to_markdown
     from attnkit.bench.results import Report
     from attnkit.cost.table import markdown, rows
 
+    out.mkdir(parents=True, exist_ok=True)
+    report = Report.from_json(json.loads((root / BENCH_JSON).read_text("utf-8")))
+    files = {
+        out / "bench_tables.md": to_markdown(report),
+        out / "cost_table.md": markdown(rows()) + "\n",
+    }
+    for path, text in files.items():
+        _write_if_changed(path, text)
+    return list(files)
+
+
+def generate(app: Sphinx) -> None:
     src = Path(app.srcdir)
-    out = src / "_generated"
-    out.mkdir(exist_ok=True)
-    data = json.loads((src.parent / "benchmarks" / "results" / "cpu.json").read_text("utf-8"))
-    report = Report.from_json(data)
-    _write_if_changed(out / "bench_tables.md", to_markdown(report))
-    names = [c.name for c in report.cases]
-    chosen = [n for n in HEADLINE if n in names]
-    _write_if_changed(out / "bench_headline.md", to_markdown(report, cases=chosen))
-    _write_if_changed(out / "cost_table.md", markdown(rows()) + "\n")
+    write_generated(src.parent, src / "_generated")
 
 
 def setup(app: Sphinx) -> dict[str, Any]:

@@ -36,7 +36,7 @@ def demo(
 ) -> None:
     """Tour: argmax example, score scaling, linear == quadratic, timings.
 
-    Exits with status 1 if any check disagrees with the design doc.
+    Exits with status 1 if any check disagrees with the value theory states.
     """
     from attnkit.demo import run_demo
 

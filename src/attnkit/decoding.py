@@ -1,8 +1,8 @@
 r"""Incremental decoding in einsum form: one new token per sequence, MHA, MQA and GQA.
 
-These are the reference functions of DESIGN.md's "Incremental decoding" section
-(after Shazeer 2019, "Fast Transformer Decoding: One Write-Head is All You Need"),
-written literally as its einsum contractions. Each takes the new token's input
+These are the reference functions of incremental decoding (Shazeer 2019, "Fast
+Transformer Decoding: One Write-Head is All You Need"), written literally as that
+paper's einsum contractions. Each takes the new token's input
 ``x``, the cached keys and values of the ``n`` previous tokens and the projection
 weights, and returns the output for the new token and the caches grown by one.
 

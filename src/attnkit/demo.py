@@ -1,6 +1,6 @@
 """`attnkit demo`: a short, checked tour of the library.
 
-Each section computes something the design doc states, prints it next to the
+Each section computes something the theory states, prints it next to the
 stated value, and records whether they agree. The tour returns False if any
 check fails, so the command doubles as a smoke test.
 """
@@ -41,7 +41,7 @@ def _mark(ok: bool) -> str:
 
 
 def argmax_example(console: Console, result: DemoResult) -> None:
-    """The design doc's worked argmax example: output (1, 4, 3)."""
+    """The worked argmax example (4 keys, 3 channels): output (1, 4, 3)."""
     keys = torch.tensor([[1.0, 2, 0], [0, 3, 4], [5, 0, 0], [0, 0, 1]])
     values = torch.tensor([[2.0, 0, 1], [1, 4, 3], [0, -1, 4], [1, 0, -1]])
     query = torch.tensor([[1.0, 1, 2]])
@@ -153,7 +153,7 @@ def timings(console: Console, lengths: Sequence[int], heads: int = 4) -> None:
 
 
 def run_demo(console: Console | None = None, lengths: Sequence[int] = (256, 1024, 4096)) -> bool:
-    """Run the tour; returns True when every check agreed with the design doc."""
+    """Run the tour; returns True when every check agreed with the stated value."""
     console = console or Console()
     result = DemoResult()
     console.rule(f"attnkit {attnkit.__version__} · torch {torch.__version__}")
@@ -164,5 +164,5 @@ def run_demo(console: Console | None = None, lengths: Sequence[int] = (256, 1024
         timings(console, lengths)
     passed = sum(p for _, p in result.checks)
     colour = "green" if result.ok else "red"
-    console.print(f"[{colour}]{passed}/{len(result.checks)} checks agree with the design doc")
+    console.print(f"[{colour}]{passed}/{len(result.checks)} checks agree with the theory")
     return result.ok

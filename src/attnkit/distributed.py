@@ -1,6 +1,6 @@
 r"""Sequence-parallel causal linear attention on ``torch.distributed`` (gloo or nccl).
 
-Causal linear attention (equation (6)) carries a fixed-size state from one token to the
+Causal linear attention (:mod:`attnkit.ops.linear`) carries a fixed-size state from one token to the
 next::
 
     S_i = sum_{j <= i} phi(K_j)^T V_j   [D', Ev],     z_i = sum_{j <= i} phi(K_j)   [D']
@@ -345,6 +345,7 @@ def shard_bounds(length: int, world_size: int, rank: int) -> tuple[int, int]:
     The first ``length % world_size`` ranks get one token more than the others, so
     shard lengths differ by at most one (and may be 0 when length < world_size).
 
+    >>> from attnkit.distributed import shard_bounds
     >>> [shard_bounds(10, 4, r) for r in range(4)]
     [(0, 3), (3, 6), (6, 8), (8, 10)]
     """

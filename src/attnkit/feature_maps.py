@@ -247,10 +247,10 @@ class PowerSeries(FeatureMap):
 
         phi(q) . phi(k) = sum_{k=0..p} a_k (q.k)^k          (all a_k >= 0)
 
-    Multinomial theorem: (q.k)^k = sum_{|α|=k} k!/α! prod_i (q_i k_i)^{α_i}, so one
+    Multinomial theorem: (q.k)^k = sum_{‖α‖₁=k} k!/α! prod_i (q_i k_i)^{α_i}, so one
     feature per monomial *multiset* α (i1 <= i2 <= ... <= ik) suffices::
 
-        phi(x)_α = sqrt(a_{|α|} |α|! / α!) prod_i x_i^{α_i}
+        phi(x)_α = sqrt(a_{‖α‖₁} ‖α‖₁! / α!) prod_i x_i^{α_i}
 
     This stores C(D+k-1, k) features for degree k instead of the D^k of the tensor
     power x ⊗ ... ⊗ x, with the same inner product. Degrees with a_k = 0 are dropped:
@@ -267,6 +267,7 @@ class PowerSeries(FeatureMap):
 
     Shapes: x [..., D] -> phi(x) [..., out_dim(D)].
 
+    >>> from attnkit.feature_maps import PowerSeries
     >>> phi = PowerSeries([1.0, 2.0, 1.0])    # (q.k + 1)^2
     >>> phi.out_dim(3)
     10
@@ -377,18 +378,19 @@ class Polynomial(PowerSeries):
 
     Binomial expansion: (q.k + c)^p = sum_{k=0..p} C(p, k) c^{p-k} (q.k)^k, a
     :class:`PowerSeries` with a_k = C(p, k) c^{p-k}. The feature of monomial α is
-    sqrt(C(p, |α|) c^{p-|α|} |α|!/α!) prod_i x_i^{α_i}, one per multiset, so
+    sqrt(C(p, ‖α‖₁) c^{p-‖α‖₁} ‖α‖₁!/α!) prod_i x_i^{α_i}, one per multiset, so
 
         out_dim(D) = C(D + p, p)        for c > 0
                    = C(D + p - 1, p)    for c = 0 (only the degree-p block is left)
 
-    For p = 2, c = 1 (DESIGN.md's quadratic kernel) this is, up to the order of the
+    For p = 2, c = 1 (the quadratic kernel (q.k + 1)^2) this is, up to the order of the
     features, [1, sqrt(2) x_i, x_i^2, sqrt(2) x_i x_j (i < j)] of width
     1 + D + D(D+1)/2. Not ``positive``: (q.k + c)^p can be 0 (and < 0 for odd p), so
     linear attention needs a denominator guard.
 
     Shapes: x [..., D] -> phi(x) [..., out_dim(D)].
 
+    >>> from attnkit.feature_maps import Polynomial
     >>> Polynomial(degree=2, c=1.0).out_dim(16)
     153
     """
@@ -487,10 +489,10 @@ class Favor(FeatureMap):
 
     With x' = s x (input scale s) and rows w_r of W [m, D] each N(0, I_D)::
 
-        phi(x) = exp(W x' - |x'|^2 / 2) / sqrt(m)                    [..., m]
+        phi(x) = exp(W x' - ‖x'‖^2 / 2) / sqrt(m)                    [..., m]
         E_W[phi(q) . phi(k)] = exp(s^2 q.k)                           (unbiased)
 
-    since E[exp(w.(q'+k'))] = exp(|q'+k'|^2 / 2). The default s = D^{-1/4} makes this
+    since E[exp(w.(q'+k'))] = exp(‖q'+k'‖^2 / 2). The default s = D^{-1/4} makes this
     softmax's kernel exp(q.k / sqrt(D)), as in Performer; ``input_scale`` overrides it.
     The relative error of one draw falls like 1/sqrt(m); orthogonal rows (default)
     lower it further.
@@ -504,12 +506,12 @@ class Favor(FeatureMap):
       exp(W q' - max_r (W q')_r), i.e. phi(q) times a positive factor per query, which
       cancels in phi(q) S / phi(q) . z (the usual stabiliser; performer-pytorch
       subtracts the same row maximum). Without it a query's logits
-      w_r.q' - |q'|^2/2 all underflow once |q'|^2/2 exceeds ~87 (float32): for
+      w_r.q' - ‖q'‖^2/2 all underflow once ‖q'‖^2/2 exceeds ~87 (float32): for
       inputs of std 2 at D = 64 with s = 1 that was 98% of the output rows, all zero.
       Keys keep the unbiased form: a per-key factor would not cancel, and one shared
       constant would have to be the same in every call that extends a state. Their
-      logits are bounded above by max_r |w_r|^2 / 2 (no overflow at D <= 128), and
-      underflow only for |x'|^2/2 beyond ~87 + |x'| max_r |w_r| (float32; at D = 64
+      logits are bounded above by max_r ‖w_r‖^2 / 2 (no overflow at D <= 128), and
+      underflow only for ‖x'‖^2/2 beyond ~87 + ‖x'‖ max_r ‖w_r‖ (float32; at D = 64
       with the default scale, keys of std above ~6): the denominator then vanishes
       and the ops raise ValueError.
 
@@ -651,7 +653,7 @@ class Favor(FeatureMap):
 
     def forward(self, x: Tensor) -> Tensor:
         wx, xs = self._logits(x)
-        # exp(wx - |x'|^2/2) / sqrt(m), the 1/sqrt(m) folded into the row shift
+        # exp(wx - ‖x'‖^2/2) / sqrt(m), the 1/sqrt(m) folded into the row shift
         shift = 0.5 * (xs * xs).sum(-1, keepdim=True) + 0.5 * math.log(self.num_features)
         out = torch.exp(wx - shift)  # [..., m]
         if out.dtype != x.dtype:
@@ -662,7 +664,7 @@ class Favor(FeatureMap):
         """exp(W x' - max_r (W x')_r): phi(x) times a positive factor per row, in (0, 1].
 
         The row's largest feature is exactly 1, so no query row underflows or
-        overflows; the factor exp(|x'|^2/2 + max_r (W x')_r) sqrt(m) cancels in
+        overflows; the factor exp(‖x'‖^2/2 + max_r (W x')_r) sqrt(m) cancels in
         normalised attention. The shift is detached: the ratio does not depend on it.
         """
         wx, _ = self._logits(x)

@@ -7,7 +7,7 @@ belongs to an algorithm (a feature map, a layout the library needs) is inside th
 timed call of every competitor alike; a competitor's native input layout is built
 outside it.
 
-Shapes follow the issue's targets: fp32, B = 1, H = 8, D = M = 64 unless stated
+Shapes follow the benchmark's targets: fp32, B = 1, H = 8, D = M = 64 unless stated
 (``full`` profile; ``quick`` shrinks the lengths).
 """
 

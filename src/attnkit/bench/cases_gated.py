@@ -4,7 +4,7 @@ Competitors: HF transformers' Qwen3-Next functions ``torch_chunk_gated_delta_rul
 and ``torch_recurrent_gated_delta_rule`` (undecorated through ``__wrapped__``: with
 fla installed HF routes them to Triton kernels, which need a GPU) and fla's
 ``naive_chunk_simple_gla`` (optional). Their native layout [B, T, H, D] is built
-outside the timed calls. Shapes follow the issue's targets (fp32, D = M = 128).
+outside the timed calls. Shapes follow the benchmark's targets (fp32, D = M = 128).
 
 FLOPs are *useful* FLOPs of the chunked algorithm (:func:`useful_flops`): the cost
 model's contractions with the masked parts of the triangular [C, C] products left

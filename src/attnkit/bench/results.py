@@ -195,7 +195,7 @@ class Section:
 
 @dataclass(frozen=True)
 class Target:
-    """A goal from the issue, checked against this run: ``value <sense> goal``.
+    """A performance goal of a case, checked against this run: ``value <sense> goal``.
 
     ``value`` is None when the run could not measure it (e.g. the competitor is
     not installed); ``met`` is then None too.

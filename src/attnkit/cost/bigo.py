@@ -169,6 +169,7 @@ def _dot(e: Monomial, f: Monomial, ray: dict[str, int]) -> sympy.Rational:
 def big_o(expr: sympy.Expr, assumptions: str | Assumptions = "") -> sympy.Expr:
     """The dominant terms of ``expr`` under ``assumptions``, numeric factors dropped.
 
+    >>> from attnkit.cost.bigo import big_o
     >>> from attnkit.cost.symbols import parse
     >>> big_o(parse("8*b*d**2 + 4*b*n*d + 6*b*h*n"), "b, n, d >> h")
     b*d**2 + b*d*n

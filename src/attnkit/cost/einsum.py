@@ -104,6 +104,7 @@ def check_einsum(
     Without ``->`` the output is torch's implicit one: the letters used exactly once,
     in alphabetical order.
 
+    >>> from attnkit.cost import check_einsum
     >>> check_einsum("bhk,bhnk->bhn", q=(2, 4, 8), K="2 4 n 8")
     (2, 4, 'n')
     """

@@ -130,7 +130,7 @@ register(
     )
 )
 
-# ---- kernelized attention, equation (4), quadratic kernel ----------------------------------
+# ---- kernelized attention (ops/kernel.py), quadratic kernel --------------------------------
 register(
     Variant(
         name="kernel",
@@ -158,7 +158,7 @@ register(
     )
 )
 
-# ---- linearized attention, equation (6), quadratic feature map -----------------------------
+# ---- linearized attention (ops/linear.py), quadratic feature map ---------------------------
 _LINEAR_TENSORS = {
     "q": ("B", "H", "L", "E"),
     "k": ("B", "Hk", "S", "E"),

@@ -5,9 +5,9 @@ Series (batch 1, H heads, key width D, value width M, float32, forward pass):
 - softmax attention through torch's fused SDPA kernel, non-causal and causal (D = M:
   torch's CPU flash kernel needs equal widths and otherwise falls back to its plain
   math path, which holds the N x N weights);
-- the quadratic kernel reference, equation (4) with sim = (q.k + 1)^2
+- the quadratic kernel reference (:func:`attnkit.kernel_attention`) with sim = (q.k + 1)^2
   (:func:`attnkit.kernel_attention`), non-causal;
-- linearized attention, equation (6) (:func:`attnkit.linear_attention`), non-causal
+- linearized attention (:func:`attnkit.linear_attention`), non-causal
   and causal (chunked), with every registered feature map.
 
 Theory (Katharopoulos et al. 2020; Dao et al. 2022): softmax costs O(N^2 (D + M))

@@ -1,6 +1,6 @@
 """Multi-head attention as an ``nn.Module``: MHA / GQA / MQA, d_k != d_v, any backend.
 
-One module covers the whole family of DESIGN.md:
+One module covers the whole family (Vaswani et al. 2017; Shazeer 2019; Ainslie et al. 2023):
 
 - heads: ``n_kv_heads=None`` is MHA (one key/value head per query head), ``1`` is
   MQA, any divisor g of ``n_heads`` is GQA with g key/value heads shared by groups
@@ -8,8 +8,7 @@ One module covers the whole family of DESIGN.md:
   the ops receive them as they are (``enable_gqa``), never repeated.
 - widths: ``d_k`` (query/key) and ``d_v`` (value) are per-head widths and may
   differ. The value projection maps d_model -> n_kv_heads·d_v and the output
-  projection n_heads·d_v -> d_model, so the residual still adds up (DESIGN.md,
-  "Multi-head attention with d_v != d_k").
+  projection n_heads·d_v -> d_model, so the residual still adds up.
 - backends: the attention function is chosen by name from :data:`BACKENDS`
   ("softmax", "argmax", "kernel", "linear"); each entry is a small adapter from the
   module's call to an op in :mod:`attnkit.ops`.

@@ -5,7 +5,7 @@
   capacity doubles when full, so appending a token is a slice write, not a
   ``torch.cat`` of the whole history. Only the Hk key/value heads are stored: with
   n_heads = h, MQA (Hk = 1) stores 1/h and GQA with g groups (Hk = g) g/h of MHA
-  (DESIGN.md, "Incremental decoding").
+  (Shazeer 2019; Ainslie et al. 2023).
 - :class:`LinearState` (linear backend): the recurrent state (S [B, Hk, D', d_v],
   z [B, Hk, D']) of causal linear attention, whose size does not depend on n.
 - :class:`DeltaState` (Gated DeltaNet / DeltaNet layers): the short convolution's
@@ -60,6 +60,8 @@ class KVCache:
         update(k [B, Hk, L, d_k], v [B, Hk, L, d_v]) -> (k [B, Hk, n, d_k], v [B, Hk, n, d_v])
         buffers [B, Hk, capacity, d_k] and [B, Hk, capacity, d_v]
 
+    >>> import torch
+    >>> from attnkit.layers.cache import KVCache
     >>> cache = KVCache(batch=2, n_kv_heads=1, d_k=4, d_v=8)
     >>> k, v = cache.update(torch.zeros(2, 1, 3, 4), torch.zeros(2, 1, 3, 8))
     >>> tuple(k.shape), tuple(v.shape), cache.seq_len, cache.nbytes

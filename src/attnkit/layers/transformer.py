@@ -171,7 +171,7 @@ class ShortConv(nn.Module):
 class Block(nn.Module):
     r"""Transformer block T(x) = f(A(x) + x) with causal attention of any backend.
 
-    ``norm="post"`` (the design doc's form, f = LayerNorm)::
+    ``norm="post"`` (the original Transformer's form, f = LayerNorm)::
 
         x = LN(x + A(x));  x = LN(x + MLP(x))
 

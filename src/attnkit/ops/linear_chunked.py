@@ -7,9 +7,9 @@ chunked reference it is tested against is ``attnkit.ops.linear._causal_chunked``
 Four ideas make it fast and lean on a CPU (all plain torch, so it runs on a GPU too):
 
 1. **One augmented value matrix.** The denominator phi(q_i) . z_i is the numerator
-   of equation (6) for a value column of ones, so V' = [V, 1] (width M' = M + 1)
-   turns numerator and denominator into the *same* matmuls, forward and backward
-   (the gradient of the ones column carries d(denominator)).
+   of :mod:`attnkit.ops.linear`'s equation (6) for a value column of ones, so
+   V' = [V, 1] (width M' = M + 1) turns numerator and denominator into the *same*
+   matmuls, forward and backward (the gradient of the ones column carries d(denominator)).
 2. **Well-shaped batched matmuls, no state copies.** GQA query heads are stacked
    along the chunk rows ([G C, D'] per chunk), so every product is one ``bmm`` over
    all chunks of a tile. The per-chunk states phi(K_c)^T V'_c are summed *in place*

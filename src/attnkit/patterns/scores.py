@@ -90,7 +90,7 @@ def _check_weights(name: str, weights: object) -> Tensor:
 def row_distributions(weights: Tensor) -> tuple[Tensor, Tensor]:
     """Rows as distributions: (P [..., L, L], valid [..., L]).
 
-    P[i, :] = |A[i, :]| / sum_j |A[i, j]| in float32 (float64 stays float64); ``valid``
+    ``P[i, :] = |A[i, :]| / sum_j |A[i, j]|`` in float32 (float64 stays float64); ``valid``
     marks rows whose sum is > 0 (the others are all-zero in P and count in no score).
     """
     A = _check_weights("weights", weights)
@@ -259,7 +259,7 @@ def attention_entropy(weights: Tensor) -> Tensor:
 
 
 def mean_attention_distance(weights: Tensor) -> Tensor:
-    """Mean over rows of sum_j P[i, j] |i - j| (tokens). Shapes: [..., L, L] -> [...]."""
+    """Mean over rows of ``sum_j P[i, j] |i - j|`` (tokens). Shapes: [..., L, L] -> [...]."""
     return _score("distance", weights)
 
 

@@ -78,7 +78,7 @@ def implicit_weights(op: Callable[[Tensor], Tensor], like: Tensor) -> Tensor:
     matrix that means nothing; :func:`attnkit.patterns.record_attention` only calls it
     on attention backends.
 
-    Shapes: like [B, Hk, S, *], op: v [B, Hk, S, S] -> [B, H, L, S]; returns [B, H, L, S].
+    Shapes: like ``[B, Hk, S, *]``, op: v [B, Hk, S, S] -> [B, H, L, S]; returns [B, H, L, S].
     """
     like = check_tensor("like", like)
     if like.dim() < 3:
