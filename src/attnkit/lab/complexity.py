@@ -114,11 +114,11 @@ SETTINGS: dict[str, ComplexitySettings] = {
     # to for D != M holds the N x N weights). Fit windows: softmax and the kernel
     # reference from N = 2048 (between 1024 and 2048 their N x N blocks leave the caches
     # and the local slope jumps far above 2 on a 2-core EPYC; beyond, they grow like
-    # N^2 again, so they also run at 8192); linear attention from N = 1024 up, where
+    # N^2 again, so they also run at 8192); linear attention from 1024 to 16384, where
     # a call's fixed cost (~0.1 ms) no longer bends the slope and its tiles have reached
-    # their steady size (quick: to 8192, `full` to 32768; the quick profile's budget).
+    # their steady size.
     "quick": ComplexitySettings(
-        lengths=(64, 256, 1024, 2048, 4096), linear_lengths=(8192,),
+        lengths=(64, 256, 1024, 2048, 4096), linear_lengths=(8192, 16384),
         quadratic_lengths=(8192,), heads=4, key_width=16, value_width=16, kernel_max=8192,
         repeats=3, min_time=0.05, fit_from_quadratic=2048, fit_from_linear=1024,
     ),

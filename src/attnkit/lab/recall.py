@@ -204,14 +204,12 @@ SETTINGS: dict[str, RecallSettings] = {
     # Performer (256 random features: 15x a softmax step) and polynomial-2 (Taylor's
     # D' = 45 again) are left to `full`, and only softmax and linear elu are also
     # trained without the conv (the conv_helps claim covers the variants trained both
-    # ways). Gated DeltaNet (the delta rule plus a decay; 1.2x DeltaNet's step, and in
-    # development one seed of three was still on its plateau at step 450) is left to
-    # `full` too: 7 models x 3 seeds, 5.5 of the quick profile's 8 minutes on a quiet
-    # 2-core machine (measured with it: the whole report 10.7 minutes).
+    # ways).
     "quick": RecallSettings(
         vocab=64, seq_len=32, kv_pairs=(4, 8), d_model=64, n_layers=2, n_heads=8, batch=64,
         steps=450, lr=1e-2, weight_decay=0.1, warmup_steps=45, eval_examples=1024,
-        variants=("softmax", "linear elu", "Taylor", "DeltaNet", "argmax (ST)"),
+        variants=("softmax", "linear elu", "Taylor", "DeltaNet", "Gated DeltaNet",
+                  "argmax (ST)"),
         convs=(True, False), log_every=10, no_conv=("softmax", "linear elu"),
     ),
     "full": RecallSettings(
