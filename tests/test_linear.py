@@ -12,6 +12,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+import attnkit
 from attnkit import feature_maps
 from attnkit.ops.kernel import kernel_attention
 from attnkit.ops.linear import (
@@ -817,3 +818,51 @@ def test_unnormalised_overflow_raises_instead_of_inf() -> None:
     q, k, v = make_qkv(1, 1, 1, 4, 4, 3, 2)
     with pytest.raises(ValueError, match=r"numerator \(normalize=False\) are not finite"):
         linear_attention(1e14 * q, 1e14 * k, 1e14 * v, "identity", normalize=False)
+
+
+# ---- the non-causal path in sequence tiles (CPU) ------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["taylor", "favor", "elu", "polynomial"])
+def test_noncausal_tiles_equal_one_pass(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tiles of 64 tokens (a tiny budget) == the whole sequence at once (a huge budget):
+    outputs, final state and every gradient; GQA, an initial state, L != S, a ragged
+    last tile. A tile that dropped or repeated tokens, or a state not carried across
+    tiles, changes all of them."""
+    from attnkit.ops import linear_chunked
+
+    torch.manual_seed(0)
+    phi = attnkit.feature_maps.resolve(name, 8)
+    q = torch.randn(2, 4, 150, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 2, 203, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 2, 203, 5, dtype=torch.float64, requires_grad=True)
+    init = attnkit.linear_attention(
+        q[:, :, :3].detach(), k[:, :, :7].detach(), v[:, :, :7].detach(),
+        feature_map=phi, output_final_state=True, enable_gqa=True,
+    )[1]  # fmt: skip
+    runs = []
+    for budget in (1, 2**40):  # tiles of 64 tokens, then one pass
+        monkeypatch.setattr(linear_chunked, "CPU_TILE_BYTES", budget)
+        o, st = attnkit.linear_attention(
+            q, k, v, feature_map=phi, initial_state=init, output_final_state=True,
+            enable_gqa=True,
+        )  # fmt: skip
+        grads = torch.autograd.grad((o * o).sum() + st.S.sum() + st.z.sum(), (q, k, v))
+        runs.append((o, st.S, st.z, *grads))
+    for tiled, whole in zip(*runs, strict=True):
+        torch.testing.assert_close(tiled, whole, rtol=1e-12, atol=1e-12)
+
+
+def test_noncausal_tiles_check_every_denominator(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The denominator check counts the non-positive rows of all tiles, not of one."""
+    from attnkit.ops import linear_chunked
+
+    torch.manual_seed(1)
+    q, k, v = torch.randn(1, 1, 300, 4), torch.randn(1, 1, 300, 4), torch.randn(1, 1, 300, 4)
+    messages = []
+    for budget in (1, 2**40):
+        monkeypatch.setattr(linear_chunked, "CPU_TILE_BYTES", budget)
+        with pytest.raises(ValueError, match="denominator") as err:
+            attnkit.linear_attention(q, k, v, feature_map="identity")
+        messages.append(str(err.value))
+    assert messages[0] == messages[1]

@@ -32,6 +32,7 @@ from torch import Tensor
 from attnkit._contract import Contraction, contract
 from attnkit._validation import QKVDims, check_choice, check_qkv, check_tensor
 from attnkit.feature_maps import FeatureMap, resolve
+from attnkit.ops import linear_chunked as _linear_chunked
 from attnkit.ops._guards import check_feature_shape, finish, normalise
 from attnkit.ops.linear_chunked import causal_linear_attention
 
@@ -349,6 +350,60 @@ def _causal_fast(
     return o, (LinearAttentionState(S, z) if output_final_state else None)
 
 
+def _noncausal_tile(q: Tensor, dims: QKVDims, Dp: int, acc: torch.dtype) -> int | None:
+    """Tokens per tile of the non-causal path on a CPU, or None to run it whole.
+
+    A wide map's phi(Q) and phi(K) and the temporaries that build them (Taylor: the
+    D x D outer products) are fresh tensors of several times N D' floats; past the
+    cache-sized budget of the causal path (:data:`attnkit.ops.linear_chunked.
+    CPU_TILE_BYTES`) their page faults and cache misses made the time grow like N^1.5
+    (Taylor-16, N = 4096 -> 16384). Tiles of the sequence keep them inside the budget;
+    every registered map is row-wise, so phi of a tile is the tile of phi.
+    """
+    if q.device.type != "cpu":
+        return None
+    per_token = 4 * dims.B * dims.H * (Dp + dims.Ev) * torch.finfo(acc).bits // 8
+    tile = max(64, _linear_chunked.CPU_TILE_BYTES // per_token // 64 * 64)
+    return tile if max(dims.L, dims.S) > tile else None
+
+
+def _noncausal_tiled(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    phi: FeatureMap,
+    dims: QKVDims,
+    state: LinearAttentionState,
+    tile: int,
+    normalize: bool,
+    eps: float | None,
+    acc: torch.dtype,
+    has_initial_state: bool,
+) -> tuple[Tensor, LinearAttentionState]:
+    """Non-causal linear attention over sequence tiles: the state from the key tiles,
+    then the outputs of the query tiles (the same contractions, summed over tiles)."""
+    B, H, Hk, G, L, Ev = dims.B, dims.H, dims.Hk, dims.group_size, dims.L, dims.Ev
+    Dp = phi.out_dim(dims.E)
+    S, z = state.S, state.z
+    for s0 in range(0, dims.S, tile):
+        fk = _features(phi, phi, "k", k[:, :, s0 : s0 + tile], acc, Dp)
+        S = S + contract(STATE, fk, v[:, :, s0 : s0 + tile].to(acc))
+        z = z + fk.sum(dim=-2)
+    nums, dens = [], []
+    query_map = phi.query_features if normalize else phi
+    for l0 in range(0, L, tile):
+        fq = _features(query_map, phi, "q", q[:, :, l0 : l0 + tile], acc, Dp)
+        fq5 = fq.reshape(B, Hk, G, -1, Dp)
+        nums.append(contract(NUMERATOR, fq5, S))
+        if normalize:
+            dens.append(contract(DENOMINATOR, fq5, z))
+    num = torch.cat(nums, dim=3)  # [B, Hk, G, L, Ev]
+    # No key and no state: nothing to attend; the output is 0, as for SDPA.
+    if normalize and (dims.S > 0 or has_initial_state):
+        num = normalise(num, torch.cat(dens, dim=3), phi, eps)  # one check over all rows
+    return num.reshape(B, H, L, Ev), LinearAttentionState(S, z)
+
+
 def linear_attention(
     q: Tensor,
     k: Tensor,
@@ -471,9 +526,6 @@ def linear_attention(
 
     B, H, Hk, G, L, Ev = dims.B, dims.H, dims.Hk, dims.group_size, dims.L, dims.Ev
     acc = _acc_dtype(q.dtype)
-    fq = _features(phi.query_features if normalize else phi, phi, "q", q, acc, Dp)
-    fk = _features(phi, phi, "k", k, acc, Dp)
-    vf = v.to(acc)
     if initial_state is None:
         state = LinearAttentionState(
             torch.zeros(B, Hk, Dp, Ev, dtype=acc, device=q.device),
@@ -481,6 +533,16 @@ def linear_attention(
         )
     else:
         state = _check_state("initial_state", initial_state, dims, Dp, phi, q.device, acc)
+    if not is_causal:
+        tile = _noncausal_tile(q, dims, Dp, acc)
+        if tile is not None:
+            o, final = _noncausal_tiled(
+                q, k, v, phi, dims, state, tile, normalize, eps, acc, initial_state is not None
+            )
+            return finish(o, q.dtype, phi, normalize), (final if output_final_state else None)
+    fq = _features(phi.query_features if normalize else phi, phi, "q", q, acc, Dp)
+    fk = _features(phi, phi, "k", k, acc, Dp)
+    vf = v.to(acc)
 
     # GQA: the G query heads of one key/value head share its state: view, no copies.
     fq5 = fq.reshape(B, Hk, G, L, Dp)
