@@ -350,8 +350,8 @@ def _causal_fast(
     return o, (LinearAttentionState(S, z) if output_final_state else None)
 
 
-def _noncausal_tile(q: Tensor, dims: QKVDims, Dp: int, acc: torch.dtype) -> int | None:
-    """Tokens per tile of the non-causal path on a CPU, or None to run it whole.
+def _noncausal_tile(q: Tensor, dims: QKVDims, Dp: int, acc: torch.dtype) -> int:
+    """Tokens per tile of the non-causal path: the whole sequence but on a CPU past the budget.
 
     A wide map's phi(Q) and phi(K) and the temporaries that build them (Taylor: the
     D x D outer products) are fresh tensors of several times N D' floats; past the
@@ -360,11 +360,11 @@ def _noncausal_tile(q: Tensor, dims: QKVDims, Dp: int, acc: torch.dtype) -> int 
     (Taylor-16, N = 4096 -> 16384). Tiles of the sequence keep them inside the budget;
     every registered map is row-wise, so phi of a tile is the tile of phi.
     """
+    whole = max(dims.L, dims.S, 1)
     if q.device.type != "cpu":
-        return None
+        return whole
     per_token = 4 * dims.B * dims.H * (Dp + dims.Ev) * torch.finfo(acc).bits // 8
-    tile = max(64, _linear_chunked.CPU_TILE_BYTES // per_token // 64 * 64)
-    return tile if max(dims.L, dims.S) > tile else None
+    return min(whole, max(64, _linear_chunked.CPU_TILE_BYTES // per_token // 64 * 64))
 
 
 def _noncausal_tiled(
@@ -385,22 +385,25 @@ def _noncausal_tiled(
     B, H, Hk, G, L, Ev = dims.B, dims.H, dims.Hk, dims.group_size, dims.L, dims.Ev
     Dp = phi.out_dim(dims.E)
     S, z = state.S, state.z
-    for s0 in range(0, dims.S, tile):
+    for s0 in range(
+        0, max(dims.S, 1), tile
+    ):  # S = 0 or L = 0: one empty tile, so k (q) stays in the graph
         fk = _features(phi, phi, "k", k[:, :, s0 : s0 + tile], acc, Dp)
         S = S + contract(STATE, fk, v[:, :, s0 : s0 + tile].to(acc))
         z = z + fk.sum(dim=-2)
     nums, dens = [], []
     query_map = phi.query_features if normalize else phi
-    for l0 in range(0, L, tile):
+    for l0 in range(0, max(L, 1), tile):
         fq = _features(query_map, phi, "q", q[:, :, l0 : l0 + tile], acc, Dp)
         fq5 = fq.reshape(B, Hk, G, -1, Dp)
         nums.append(contract(NUMERATOR, fq5, S))
         if normalize:
             dens.append(contract(DENOMINATOR, fq5, z))
-    num = torch.cat(nums, dim=3)  # [B, Hk, G, L, Ev]
+    num = nums[0] if len(nums) == 1 else torch.cat(nums, dim=3)  # [B, Hk, G, L, Ev]
     # No key and no state: nothing to attend; the output is 0, as for SDPA.
     if normalize and (dims.S > 0 or has_initial_state):
-        num = normalise(num, torch.cat(dens, dim=3), phi, eps)  # one check over all rows
+        den = dens[0] if len(dens) == 1 else torch.cat(dens, dim=3)
+        num = normalise(num, den, phi, eps)  # one check over all rows
     return num.reshape(B, H, L, Ev), LinearAttentionState(S, z)
 
 
@@ -533,31 +536,18 @@ def linear_attention(
         )
     else:
         state = _check_state("initial_state", initial_state, dims, Dp, phi, q.device, acc)
-    if not is_causal:
-        tile = _noncausal_tile(q, dims, Dp, acc)
-        if tile is not None:
-            o, final = _noncausal_tiled(
-                q, k, v, phi, dims, state, tile, normalize, eps, acc, initial_state is not None
-            )
-            return finish(o, q.dtype, phi, normalize), (final if output_final_state else None)
-    fq = _features(phi.query_features if normalize else phi, phi, "q", q, acc, Dp)
-    fk = _features(phi, phi, "k", k, acc, Dp)
-    vf = v.to(acc)
-
-    # GQA: the G query heads of one key/value head share its state: view, no copies.
-    fq5 = fq.reshape(B, Hk, G, L, Dp)
     if is_causal:
-        o5, final = _causal_chunked(fq5, fk, vf, state, chunk, normalize, eps, phi)
+        fq = _features(phi.query_features if normalize else phi, phi, "q", q, acc, Dp)
+        fk = _features(phi, phi, "k", k, acc, Dp)
+        # GQA: the G query heads of one key/value head share its state: view, no copies.
+        fq5 = fq.reshape(B, Hk, G, L, Dp)
+        o5, final = _causal_chunked(fq5, fk, v.to(acc), state, chunk, normalize, eps, phi)
         o = o5.reshape(B, H, L, Ev)
     else:
-        S = state.S + contract(STATE, fk, vf)  # [B, Hk, D', Ev]
-        z = state.z + fk.sum(dim=-2)  # [B, Hk, D']
-        final = LinearAttentionState(S, z)
-        num = contract(NUMERATOR, fq5, S)  # [B, Hk, G, L, Ev]
-        # No key and no state: nothing to attend; the output is 0, as for SDPA.
-        if normalize and (dims.S > 0 or initial_state is not None):
-            num = normalise(num, contract(DENOMINATOR, fq5, z), phi, eps)  # / [B, Hk, G, L]
-        o = num.reshape(B, H, L, Ev)
+        tile = _noncausal_tile(q, dims, Dp, acc)
+        o, final = _noncausal_tiled(
+            q, k, v, phi, dims, state, tile, normalize, eps, acc, initial_state is not None
+        )
     return finish(o, q.dtype, phi, normalize), (final if output_final_state else None)
 
 
